@@ -1,0 +1,37 @@
+# reprotune: `make run` sets up and runs the pipeline; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TOKENIZERS_PARALLELISM := false
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup run test test-all bench clean
+setup: $(VENV)/.installed
+
+# torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build; then the rest,
+# every version held by constraints.txt.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+run: setup
+	test -d .git || git init -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# Tests and benchmarks never wait on a hub: everything they use is built or shipped here.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+test: setup
+	$(OFFLINE) $(BIN)/python -m pytest -m "not slow" -q
+
+test-all: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+bench: setup
+	$(OFFLINE) $(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf models/base models/adapter models/merged models/export data/validated data/packed metrics dvclive

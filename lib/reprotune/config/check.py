@@ -1,0 +1,309 @@
+"""Checking params.yaml: every problem at once, each with its key path, the bad value and what is allowed.
+
+Order of work (all pure, no torch, so `reprotune check` answers in well under a second):
+  1. unknown keys (typos), each with the nearest valid key suggested;
+  2. JSON Schema (types, ranges, allowed values) from params.schema.json;
+  3. defaults filled in from the schema;
+  4. cross-field rules the schema cannot say (exclusive keys, missing files, pinning).
+Stages call `load_params`, which raises ParamsError (exit code 2) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import yaml
+
+from reprotune.config.sections import Params, build_params
+from reprotune.model.base import BUILTIN_MODELS as BUILTIN_BUILDERS, BUILTIN_PREFIX
+from reprotune.model.builtin import MAX_LENGTH as BUILTIN_MAX_SEQUENCE_LEN
+
+EXIT_BAD_INPUT = 2
+BUILTIN_MODELS = tuple(BUILTIN_PREFIX + name for name in BUILTIN_BUILDERS)
+LOCAL_MODELS_DIR = "models/local"  # the base stage's declared dependency in dvc.yaml
+DATA_DIRS = ("data/raw", "data/sample")  # the validate stage's declared dependencies in dvc.yaml
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TYPE_FIELDS = {
+    "alpaca": ("field_instruction", "field_input", "field_output", "field_system"),
+    "chat": ("field_messages", "message_property_mappings", "roles"),
+    "completion": ("field_text",),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    """Key path, e.g. train.learning_rate or data.datasets[0].type."""
+    message: str
+    """What is wrong and what is allowed."""
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ParamsError(Exception):
+    """params.yaml has problems; str() lists all of them."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' * (len(problems) != 1)}"]
+        super().__init__("\n".join(lines + [f"  {p}" for p in problems]))
+
+
+@cache
+def schema() -> dict:
+    """The params JSON Schema shipped in the package."""
+    text = resources.files("reprotune.config").joinpath("params.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, check and type params.yaml. Raises ParamsError listing every problem."""
+    path = Path(path)
+    raw, problems = read_yaml(path)
+    if not problems:
+        filled, problems = check_params(raw, repo_root=path.parent)
+    if problems:
+        raise ParamsError(str(path), problems)
+    return build_params(filled)
+
+
+def read_yaml(path: Path) -> tuple[dict, list[Problem]]:
+    """The YAML mapping in `path`, or a problem saying why it cannot be read."""
+    if not path.is_file():
+        return {}, [Problem("<file>", f"{path} does not exist")]
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as e:
+        return {}, [Problem("<file>", f"not valid YAML: {e}")]
+    if raw is None:
+        return {}, []
+    if not isinstance(raw, dict):
+        return {}, [Problem("<file>", f"expected a mapping of sections, got {_kind(raw)}")]
+    return raw, []
+
+
+def check_params(raw: dict, repo_root: Path = Path(".")) -> tuple[dict, list[Problem]]:
+    """All problems in `raw`, and a copy with defaults filled in (meaningful only without problems).
+
+    Cross-field rules run even when keys are bad: those keys fall back to their defaults for the
+    rules, so one run reports every problem in the file.
+    """
+    unknown = list(unknown_keys(raw, schema(), ()))
+    invalid = schema_problems(raw)
+    usable = _without(raw, [where for where, _ in unknown + invalid])
+    filled = fill_defaults(usable, schema())
+    problems = [p for _, p in unknown] + [p for _, p in invalid]
+    problems += cross_field_problems(usable, filled, repo_root)
+    return filled, problems
+
+
+# -- 1. unknown keys --------------------------------------------------------------------------
+
+def unknown_keys(value: Any, node: dict, where: tuple) -> Iterator[tuple[tuple, Problem]]:
+    """Keys the schema does not know, with the nearest known key as a suggestion."""
+    node = _resolve(node)
+    if isinstance(value, dict) and "properties" in node:
+        known = list(node["properties"])
+        for key, sub in value.items():
+            if key not in node["properties"]:
+                near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(known)}"
+                yield (*where, key), Problem(_dotted((*where, key)), f"unknown key{hint}")
+            else:
+                yield from unknown_keys(sub, node["properties"][key], (*where, key))
+    elif isinstance(value, list) and "items" in node:
+        for i, item in enumerate(value):
+            yield from unknown_keys(item, node["items"], (*where, i))
+
+
+# -- 2. schema --------------------------------------------------------------------------------
+
+def schema_problems(raw: dict) -> list[tuple[tuple, Problem]]:
+    """Type, range and enum problems; unknown keys are left to `unknown_keys`."""
+    validator = jsonschema.Draft202012Validator(schema())
+    found = []
+    for error in validator.iter_errors(raw):
+        if error.validator == "additionalProperties":
+            continue
+        where = tuple(error.absolute_path)
+        if error.validator == "required":
+            missing = re.match(r"'([^']+)'", error.message)
+            where = (*where, missing.group(1) if missing else "?")
+        found.append((where, Problem(_dotted(where) or "<top>", _error_message(error))))
+    return sorted(found, key=lambda item: item[1].path)
+
+
+def _error_message(error: jsonschema.ValidationError) -> str:
+    got = f"got {_show(error.instance)}"
+    v, expected = error.validator, error.validator_value
+    if v == "type":
+        kinds = expected if isinstance(expected, list) else [expected]
+        return f"{got}; expected {' or '.join(_TYPE_NAMES.get(k, k) for k in kinds)}"
+    if v == "enum":
+        return f"{got}; allowed: {', '.join(_show(x) for x in expected)}"
+    if v in _BOUNDS:
+        return f"{got}; must be {_BOUNDS[v]} {expected}"
+    if v == "required":
+        return "required key is missing"
+    if v == "minLength":
+        return "must not be empty"
+    if v == "minItems":
+        return f"{got}; needs at least {expected} item{'s' * (expected != 1)}"
+    if v == "uniqueItems":
+        return f"{got}; items must not repeat"
+    if v == "pattern":
+        return f"{got}; expected a size such as 500MB or 2GB"
+    return error.message
+
+
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+               "array": "a list", "object": "a mapping", "null": "null"}
+_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+
+
+# -- 3. defaults ------------------------------------------------------------------------------
+
+def fill_defaults(value: Any, node: dict) -> Any:
+    """A copy of `value` with every missing key set to its schema default (recursively)."""
+    node = _resolve(node)
+    if isinstance(value, dict) and "properties" in node:
+        out = {}
+        for key, sub in node["properties"].items():
+            if key in value:
+                out[key] = fill_defaults(value[key], sub)
+            elif "default" in sub:
+                out[key] = fill_defaults(json.loads(json.dumps(sub["default"])), sub)
+        return out
+    if isinstance(value, list) and "items" in node:
+        return [fill_defaults(item, node["items"]) for item in value]
+    return value
+
+
+# -- 4. cross-field rules ---------------------------------------------------------------------
+
+def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
+    """Rules that involve more than one key, or the file system."""
+    yield from _base_problems(p["base"], root)
+    raw_datasets = (raw.get("data") or {}).get("datasets") or []  # as written: to spot misplaced keys
+    for i, ds in enumerate(p["data"]["datasets"]):
+        if not isinstance(ds, dict):
+            continue  # already reported by the schema
+        given = raw_datasets[i] if i < len(raw_datasets) else {}
+        yield from _dataset_problems(given, ds, f"data.datasets[{i}]", root)
+    tok, train, lora = p["tokenize"], p["train"], p["lora"]
+    if tok["val_set_size"] >= 1 and tok["val_set_size"] != int(tok["val_set_size"]):
+        yield Problem("tokenize.val_set_size", f"got {_show(tok['val_set_size'])}; "
+                      "a fraction must be below 1, a count must be a whole number")
+    if p["base"]["model"] in BUILTIN_MODELS and tok["sequence_len"] > BUILTIN_MAX_SEQUENCE_LEN:
+        yield Problem("tokenize.sequence_len", f"got {tok['sequence_len']}; the built-in model takes "
+                      f"at most {BUILTIN_MAX_SEQUENCE_LEN} positions")
+    if train["warmup_ratio"] is not None and train["warmup_steps"] is not None:
+        yield Problem("train.warmup_steps", "set warmup_steps or warmup_ratio, not both")
+    if train["bf16"] is True and train["fp16"]:
+        yield Problem("train.fp16", "bf16: true and fp16: true are exclusive; choose one")
+    if lora["target_linear"] and lora["target_modules"] is not None:
+        yield Problem("lora.target_modules", "set target_modules or target_linear: true, not both")
+    if not lora["target_linear"] and lora["target_modules"] is None:
+        yield Problem("lora.target_modules", "nothing to adapt: set target_linear: true or list target_modules")
+    if "safetensors" not in p["export"]["formats"]:
+        yield Problem("export.formats", f"got {_show(p['export']['formats'])}; safetensors is always "
+                      "exported, list it (gguf is the optional extra)")
+
+
+def _base_problems(base: dict, root: Path) -> Iterator[Problem]:
+    model, revision = base["model"], base["revision"]
+    if model.startswith(BUILTIN_PREFIX):
+        if model not in BUILTIN_MODELS:
+            yield Problem("base.model", f"got {_show(model)}; built-in models: {', '.join(BUILTIN_MODELS)}")
+        if revision is not None:
+            yield Problem("base.revision", "applies to hub ids only; remove it for a built-in model")
+    elif (root / model).exists():
+        if not _is_under(root / model, root / LOCAL_MODELS_DIR):
+            yield Problem("base.model", f"local model folders must lie under {LOCAL_MODELS_DIR}/ "
+                          "(the base stage's declared dependency, so edits rerun it)")
+        if revision is not None:
+            yield Problem("base.revision", "applies to hub ids only; remove it for a local folder")
+    elif _HUB_ID.match(model):
+        if revision is None:
+            yield Problem("base.revision", f"hub id {_show(model)} must be pinned: set a branch, tag or "
+                          "commit (it is resolved to a commit sha); or, for a local folder: it does not exist")
+    else:
+        yield Problem("base.model", f"got {_show(model)}; not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                      "an existing local folder, or a hub id org/name")
+
+
+def _dataset_problems(raw: dict, ds: dict, path: str, root: Path) -> Iterator[Problem]:
+    for field, types in ((f, t) for t, fs in _TYPE_FIELDS.items() for f in fs):
+        if field in raw and ds.get("type", types) != types:
+            yield Problem(f"{path}.{field}", f"applies to type {types} only; this dataset is {ds['type']}")
+    if "path" not in ds:
+        return  # already reported by the schema
+    source = ds["path"]
+    suffix = Path(source).suffix.lower()
+    if (root / source).is_file():
+        if not any(_is_under(root / source, root / d) for d in DATA_DIRS):
+            yield Problem(f"{path}.path", f"got {_show(source)}; local data files must lie under "
+                          f"{' or '.join(d + '/' for d in DATA_DIRS)} (the validate stage's declared "
+                          "dependencies, so edits rerun it)")
+        if suffix not in DATA_SUFFIXES:
+            yield Problem(f"{path}.path", f"got {_show(source)}; unknown file type, allowed: {', '.join(DATA_SUFFIXES)}")
+    elif (root / source).exists():
+        yield Problem(f"{path}.path", f"got {_show(source)}; a folder, expected a file")
+    elif suffix in DATA_SUFFIXES or not _HUB_ID.match(source):
+        yield Problem(f"{path}.path", f"got {_show(source)}; file does not exist")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _resolve(node: dict) -> dict:
+    ref = node.get("$ref")
+    return schema()["$defs"][ref.rsplit("/", 1)[1]] if ref else node
+
+
+def _dotted(where: tuple) -> str:
+    """('data', 'datasets', 0, 'type') -> data.datasets[0].type"""
+    path = ""
+    for part in where:
+        path = f"{path}[{part}]" if isinstance(part, int) else (f"{path}.{part}" if path else str(part))
+    return path
+
+
+def _without(raw: dict, bad: list[tuple]) -> dict:
+    """A deep copy of `raw` without the values at the `bad` paths (so defaults stand in for them)."""
+    clean = json.loads(json.dumps(raw, default=str))
+    for where in sorted((w for w in bad if w), key=len, reverse=True):
+        node = clean
+        for part in where[:-1]:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                break
+        else:
+            if isinstance(node, dict):
+                node.pop(where[-1], None)
+            elif isinstance(node, list) and isinstance(where[-1], int) and where[-1] < len(node):
+                node[where[-1]] = None  # keep list positions so later indexes stay right
+    return clean
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _is_under(path: Path, parent: Path) -> bool:
+    return path.resolve().is_relative_to(parent.resolve())

@@ -1,0 +1,1 @@
+"""Data: read every source, check and normalise each record, keep rejects with reasons."""

@@ -1,0 +1,119 @@
+"""The validate stage's core: every record kept (normalised, deduplicated) or rejected with a reason.
+
+Outputs (in the folder given, which the stage swaps in atomically):
+  records.parquet    canonical records in input order, zstd, row groups of ROW_GROUP rows
+  rejects.jsonl      {source, line, reason, detail, record|raw} per rejected record
+  duplicates.jsonl   {source, line, duplicate_of} per dropped duplicate
+Invariant, checked before returning: read = kept + rejected + duplicates.
+Streaming: memory holds one row group plus a 16-byte-per-record id set for dedup
+(about 160 MB for 10M records).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from reprotune.config.sections import DataConfig
+from reprotune.data.readers import DataError, RawRecord, read_source
+from reprotune.data.rules import COLUMNS, RecordError, normalise, record_id
+
+log = logging.getLogger(__name__)
+ROW_GROUP = 10_000
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("line", pa.int64()), ("type", pa.string()),
+    ("system", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("output", pa.string()),
+    ("messages", pa.list_(MESSAGE)), ("text", pa.string()),
+])
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    kept: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "rejected": self.rejected,
+                "duplicates": self.duplicates, "rejected_by_reason": dict(sorted(self.by_reason.items()))}
+
+
+def validate(cfg: DataConfig, root: Path, out_dir: Path) -> dict:
+    """Validate every dataset in `cfg` into `out_dir`; returns metrics (totals and per source)."""
+    total, per_source, seen = Counts(), {}, {}
+    with pq.ParquetWriter(out_dir / "records.parquet", SCHEMA, compression="zstd") as writer, \
+            open(out_dir / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rejects, \
+            open(out_dir / "duplicates.jsonl", "w", encoding="utf-8", newline="\n") as duplicates:
+        sink = _Sink(writer, rejects, duplicates, cfg.on_invalid)
+        for ds in cfg.datasets:
+            counts = per_source.setdefault(ds.path, Counts())
+            log.info("validating %s (%s)", ds.path, ds.type)
+            for raw in tqdm(read_source(ds.path, root, ds.split), desc=f"validate {ds.path}", unit="rec", mininterval=2):
+                sink.take(raw, ds, counts, seen if cfg.dedup else None)
+        sink.flush()
+    for counts in per_source.values():
+        for name in ("read", "kept", "rejected", "duplicates"):
+            setattr(total, name, getattr(total, name) + getattr(counts, name))
+        total.by_reason.update(counts.by_reason)
+    assert total.read == total.kept + total.rejected + total.duplicates, total  # counts must balance
+    return {**total.as_dict(), "per_source": {k: v.as_dict() for k, v in per_source.items()}}
+
+
+class _Sink:
+    """Routes each raw record to the Parquet buffer, the rejects file or the duplicates file."""
+
+    def __init__(self, writer: pq.ParquetWriter, rejects: IO, duplicates: IO, on_invalid: str):
+        self.writer, self.rejects, self.duplicates = writer, rejects, duplicates
+        self.on_invalid = on_invalid
+        self.rows: list[dict] = []
+
+    def take(self, raw: RawRecord, ds, counts: Counts, seen: dict | None) -> None:
+        counts.read += 1
+        try:
+            if raw.error:
+                raise RecordError(*raw.error)
+            row = normalise(raw.record, ds)
+        except RecordError as e:
+            self._reject(raw, e, counts)
+            return
+        row["id"] = record_id(row)
+        if seen is not None:
+            first = seen.setdefault(bytes.fromhex(row["id"]), (raw.source, raw.line))
+            if first != (raw.source, raw.line):
+                counts.duplicates += 1
+                _write_line(self.duplicates, {"source": raw.source, "line": raw.line, "duplicate_of": f"{first[0]}:{first[1]}"})
+                return
+        counts.kept += 1
+        self.rows.append({**row, "source": raw.source, "line": raw.line})
+        if len(self.rows) >= ROW_GROUP:
+            self.flush()
+
+    def _reject(self, raw: RawRecord, e: RecordError, counts: Counts) -> None:
+        if self.on_invalid == "error":
+            raise DataError(f"{raw.source}:{raw.line}: {e.detail} (data.on_invalid is error)")
+        counts.rejected += 1
+        counts.by_reason[e.code] += 1
+        entry = {"source": raw.source, "line": raw.line, "reason": e.code, "detail": e.detail}
+        entry.update({"raw": raw.raw_text} if raw.error else {"record": raw.record})
+        _write_line(self.rejects, entry)
+
+    def flush(self) -> None:
+        if self.rows:
+            table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in self.rows], schema=SCHEMA)
+            self.writer.write_table(table, row_group_size=ROW_GROUP)
+            self.rows = []
+
+
+def _write_line(f: IO, obj: dict) -> None:
+    f.write(json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,56 @@
+"""Resolving `auto` settings from the hardware at run time (recorded in each stage's metrics).
+
+  bf16          true on CUDA with compute capability >= 8.0 (Ampere+), else false
+  compute dtype bf16 / fp16 when mixed precision is on, else fp32 (CPU trains in fp32)
+  attention     flash_attention_2 when flash-attn is importable on CUDA, else sdpa
+torch is imported inside the functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    device: str
+    """cuda or cpu."""
+    device_name: str
+    """GPU name, or cpu."""
+    bf16: bool
+    """bfloat16 mixed precision on."""
+    fp16: bool
+    """float16 mixed precision on."""
+    compute_dtype: str
+    """bfloat16 | float16 | float32: dtype of 4-bit matmuls and of a non-quantized base."""
+    attn_implementation: str
+    """flash_attention_2 | sdpa | eager."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def cuda_supports_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def resolve(bf16: str | bool, fp16: bool, attn: str, compute_dtype: str = "auto") -> Capabilities:
+    """Concrete settings for this machine from the params' `auto` values."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    use_bf16 = cuda_supports_bf16() if bf16 == "auto" else bool(bf16)
+    if compute_dtype == "auto":
+        compute_dtype = "bf16" if use_bf16 else ("fp16" if fp16 else "fp32")
+    if attn == "auto":
+        attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    return Capabilities(
+        device="cuda" if cuda else "cpu",
+        device_name=torch.cuda.get_device_name() if cuda else "cpu",
+        bf16=use_bf16, fp16=fp16, compute_dtype=DTYPE_NAMES[compute_dtype], attn_implementation=attn,
+    )

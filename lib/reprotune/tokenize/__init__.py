@@ -1,0 +1,1 @@
+"""Tokenization and sequence packing: turn validated records into fixed-length training blocks."""
