@@ -1,0 +1,180 @@
+"""params.yaml checks: each schema and cross-field rule, all problems at once, exit codes, speed."""
+
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reprotune.config import ParamsError, check_params, load_params
+from reprotune.config.check import schema
+from reprotune.config.sections import SECTION_TYPES, DatasetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def problems(raw: dict, root: Path = REPO) -> dict[str, str]:
+    _, found = check_params(raw, repo_root=root)
+    messages: dict[str, str] = {}
+    for p in found:
+        messages[p.path] = f"{messages[p.path]} | {p.message}" if p.path in messages else p.message
+    return messages
+
+
+def test_shipped_params_are_clean():
+    params = load_params(REPO / "params.yaml")
+    assert params.base.model == "builtin:tiny-llama"
+    assert params.tokenize.roles_to_train == ("assistant",)
+    assert params.data.datasets[1].message_property_mappings.role == "from"
+
+
+def test_empty_file_gets_every_default(tmp_path):
+    (tmp_path / "params.yaml").write_text("")
+    (tmp_path / "data/sample").mkdir(parents=True)
+    (tmp_path / "data/sample/alpaca.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    params = load_params(tmp_path / "params.yaml")
+    assert params.tokenize.sequence_len == 2048
+    assert params.lora.r == 32 and params.lora.alpha == 16  # Axolotl's QLoRA example
+
+
+def test_dataclass_fields_match_the_schema():
+    props = schema()["properties"]
+    for name, cls in SECTION_TYPES.items():
+        assert [f.name for f in dataclasses.fields(cls)] == list(props[name]["properties"]), name
+    dataset_keys = list(schema()["$defs"]["dataset"]["properties"])
+    assert [f.name for f in dataclasses.fields(DatasetConfig)] == dataset_keys
+
+
+def test_every_key_in_params_yaml_is_commented():
+    for number, line in enumerate((REPO / "params.yaml").read_text().splitlines(), 1):
+        is_section = line and not line[0].isspace() and line.rstrip().endswith(":")
+        if line.strip() and not line.lstrip().startswith("#") and not is_section:
+            assert "#" in line, f"params.yaml:{number} has no comment: {line}"
+
+
+@pytest.mark.parametrize("raw, path, fragment", [
+    ({"train": {"learning_rate": "fast"}}, "train.learning_rate", "expected a number"),
+    ({"train": {"optimizer": "sgd"}}, "train.optimizer", "allowed: \"adamw_torch\""),
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size", "must be >= 1"),
+    ({"lora": {"dropout": 1}}, "lora.dropout", "must be < 1"),
+    ({"tokenize": {"sequence_len": True}}, "tokenize.sequence_len", "expected an integer"),
+    ({"tokenize": {"roles_to_train": []}}, "tokenize.roles_to_train", "at least 1"),
+    ({"tokenize": {"roles_to_train": ["robot"]}}, "tokenize.roles_to_train[0]", "allowed"),
+    ({"export": {"max_shard_size": "2 gigs"}}, "export.max_shard_size", "500MB or 2GB"),
+    ({"export": {"formats": ["gguf", "gguf"]}}, "export.formats", "must not repeat"),
+    ({"data": {"datasets": [{"type": "alpaca"}]}}, "data.datasets[0].path", "required key is missing"),
+    ({"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "sharegpt"}]}}, "data.datasets[0].type", "allowed"),
+    ({"data": {"datasets": "data/sample/alpaca.jsonl"}}, "data.datasets", "expected a list"),
+    ({"train": 5}, "train", "expected a mapping"),
+])
+def test_schema_rules(raw, path, fragment):
+    found = problems(raw)
+    assert path in found, found
+    assert fragment in found[path]
+
+
+@pytest.mark.parametrize("raw, path, fragment", [
+    ({"tokenize": {"sequence_lenght": 512}}, "tokenize.sequence_lenght", "did you mean 'sequence_len'"),
+    ({"trian": {}}, "trian", "did you mean 'train'"),
+    ({"lora": {"zzz": 1}}, "lora.zzz", "known keys: r, alpha"),
+    ({"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "alpaca", "feild_output": "o"}]}},
+     "data.datasets[0].feild_output", "did you mean 'field_output'"),
+])
+def test_unknown_keys_suggest_the_nearest(raw, path, fragment):
+    assert fragment in problems(raw)[path]
+
+
+@pytest.mark.parametrize("raw, path, fragment", [
+    ({"train": {"warmup_ratio": 0.1, "warmup_steps": 10}}, "train.warmup_steps", "not both"),
+    ({"train": {"bf16": True, "fp16": True}}, "train.fp16", "exclusive"),
+    ({"tokenize": {"val_set_size": 1.5}}, "tokenize.val_set_size", "whole number"),
+    ({"tokenize": {"sequence_len": 4096}}, "tokenize.sequence_len", "at most 2048"),
+    ({"lora": {"target_modules": ["q_proj"]}}, "lora.target_modules", "not both"),
+    ({"lora": {"target_linear": False}}, "lora.target_modules", "nothing to adapt"),
+    ({"export": {"formats": ["gguf"]}}, "export.formats", "safetensors is always exported"),
+    ({"base": {"model": "builtin:huge-llama"}}, "base.model", "built-in models: builtin:tiny-llama"),
+    ({"base": {"revision": "main"}}, "base.revision", "hub ids only"),
+    ({"base": {"model": "meta-llama/Llama-3.1-8B"}}, "base.revision", "must be pinned"),
+    ({"base": {"model": "./no/such/folder"}}, "base.model", "not a built-in name"),
+    ({"base": {"model": "data"}}, "base.model", "must lie under models/local/"),
+    ({"data": {"datasets": [{"path": "data/sample/nope.jsonl", "type": "alpaca"}]}}, "data.datasets[0].path", "does not exist"),
+    ({"data": {"datasets": [{"path": "data/sample", "type": "alpaca"}]}}, "data.datasets[0].path", "a folder"),
+    ({"data": {"datasets": [{"path": "pyproject.toml", "type": "alpaca"}]}}, "data.datasets[0].path", "must lie under data/raw/"),
+    ({"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "alpaca", "field_messages": "m"}]}},
+     "data.datasets[0].field_messages", "applies to type chat only"),
+])
+def test_cross_field_rules(raw, path, fragment):
+    found = problems(raw)
+    assert path in found, found
+    assert fragment in found[path]
+
+
+def test_hub_ids_pass_when_pinned():
+    assert problems({"base": {"model": "meta-llama/Llama-3.1-8B", "revision": "main"},
+                     "data": {"datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}]}}) == {}
+
+
+def test_unknown_data_suffix(tmp_path):
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/x.txt").write_text("hi")
+    assert "unknown file type" in problems({"data": {"datasets": [{"path": "data/raw/x.txt", "type": "completion"}]}}, tmp_path)["data.datasets[0].path"]
+
+
+FIVE_MISTAKES = """\
+base:
+  model: meta-llama/Llama-3.1-8B
+data:
+  datasets:
+    - path: data/sample/missing.jsonl
+      type: alpaca
+tokenize:
+  sequence_lenght: 1024
+train:
+  learning_rate: fast
+  warmup_ratio: 0.1
+  warmup_steps: 10
+"""
+
+
+def test_cli_lists_all_five_problems_and_exits_2_fast(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(FIVE_MISTAKES)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "reprotune.cli", "check", str(params)], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2
+    for path in ("base.revision", "data.datasets[0].path", "tokenize.sequence_lenght", "train.learning_rate", "train.warmup_steps"):
+        assert path in result.stderr, result.stderr
+    assert "5 problems" in result.stderr
+    assert elapsed < 10  # the 3 s figure is measured by `make bench`; this only catches a torch import
+
+
+def test_check_imports_no_torch():
+    code = "import sys, reprotune.cli, reprotune.data.validate; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_cli_ok_exit_0():
+    result = subprocess.run([sys.executable, "-m", "reprotune.cli", "check", str(REPO / "params.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_bad_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(bad)
+
+
+def test_load_params_raises_with_every_problem(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"seed": -1, "lr_scheduler": "step"}}))
+    with pytest.raises(ParamsError) as e:
+        load_params(tmp_path / "params.yaml")
+    assert {p.path for p in e.value.problems} >= {"train.seed", "train.lr_scheduler"}
