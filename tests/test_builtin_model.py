@@ -170,3 +170,10 @@ def test_resolve_hub_needs_revision(tmp_path):
         with pytest.raises(ValueError, match="revision"):
             resolve_base("org/name", None, tmp_path / "base")
     api.assert_not_called()
+
+
+def test_config_knows_exactly_the_builtin_models():
+    from reprotune.config.check import BUILTIN_MAX_POSITIONS, BUILTIN_PREFIX
+    from reprotune.model.base import BUILTIN_MODELS
+
+    assert sorted(BUILTIN_MAX_POSITIONS) == sorted(BUILTIN_PREFIX + name for name in BUILTIN_MODELS)

@@ -11,18 +11,21 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from reprotune.config import EXIT_BAD_INPUT, Params, ParamsError, load_params
-from reprotune.data.readers import DataError
+from reprotune.config import EXIT_BAD_INPUT, Params, load_params
+from reprotune.config.declared import declared_params, restrict
+from reprotune.errors import BadInput
 
-BAD_INPUT = (ParamsError, DataError)
 
+def run_stage(name: str, body: Callable[[Params], None], params_path: str | Path = "params.yaml",
+              dvc_yaml: str | Path = "dvc.yaml") -> None:
+    """Check all params, then run `body` on a view holding only the keys dvc.yaml declares for `name`.
 
-def run_stage(name: str, body: Callable[[Params], None], params_path: str | Path = "params.yaml") -> None:
-    """Check params, then run `body(params)`; bad input exits 2 with its message, nothing written."""
+    Bad input exits 2 with its message before anything is loaded or written.
+    """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     try:
         params = load_params(params_path)
-        body(params)
-    except BAD_INPUT as e:
+        body(restrict(params, declared_params(name, dvc_yaml), name))
+    except BadInput as e:
         print(f"{name}: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

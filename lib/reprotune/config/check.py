@@ -23,11 +23,14 @@ import jsonschema
 import yaml
 
 from reprotune.config.sections import Params, build_params
-from reprotune.model.base import BUILTIN_MODELS as BUILTIN_BUILDERS, BUILTIN_PREFIX
-from reprotune.model.builtin import MAX_LENGTH as BUILTIN_MAX_SEQUENCE_LEN
+from reprotune.errors import BadInput
 
 EXIT_BAD_INPUT = 2
-BUILTIN_MODELS = tuple(BUILTIN_PREFIX + name for name in BUILTIN_BUILDERS)
+BUILTIN_PREFIX = "builtin:"
+# Built-in models (built by reprotune.model.builtin) and their max positions. Kept here, not imported
+# from the builder, so that checking params never depends on model code (nor reruns with it).
+BUILTIN_MAX_POSITIONS = {"builtin:tiny-llama": 2048}
+BUILTIN_MODELS = tuple(BUILTIN_MAX_POSITIONS)
 LOCAL_MODELS_DIR = "models/local"  # the base stage's declared dependency in dvc.yaml
 DATA_DIRS = ("data/raw", "data/sample")  # the validate stage's declared dependencies in dvc.yaml
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -50,7 +53,7 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-class ParamsError(Exception):
+class ParamsError(BadInput):
     """params.yaml has problems; str() lists all of them."""
 
     def __init__(self, source: str, problems: list[Problem]):
@@ -205,9 +208,10 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
     if tok["val_set_size"] >= 1 and tok["val_set_size"] != int(tok["val_set_size"]):
         yield Problem("tokenize.val_set_size", f"got {_show(tok['val_set_size'])}; "
                       "a fraction must be below 1, a count must be a whole number")
-    if p["base"]["model"] in BUILTIN_MODELS and tok["sequence_len"] > BUILTIN_MAX_SEQUENCE_LEN:
+    max_positions = BUILTIN_MAX_POSITIONS.get(p["base"]["model"])
+    if max_positions and tok["sequence_len"] > max_positions:
         yield Problem("tokenize.sequence_len", f"got {tok['sequence_len']}; the built-in model takes "
-                      f"at most {BUILTIN_MAX_SEQUENCE_LEN} positions")
+                      f"at most {max_positions} positions")
     if train["warmup_ratio"] is not None and train["warmup_steps"] is not None:
         yield Problem("train.warmup_steps", "set warmup_steps or warmup_ratio, not both")
     if train["bf16"] is True and train["fp16"]:

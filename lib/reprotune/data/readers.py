@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from reprotune.errors import BadInput
+
 BOM = b"\xef\xbb\xbf"
 
 
-class DataError(Exception):
+class DataError(BadInput):
     """A data source cannot be used at all (or on_invalid: error met a bad record)."""
 
 

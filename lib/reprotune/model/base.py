@@ -18,11 +18,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from reprotune.config.check import BUILTIN_PREFIX
 from reprotune.io import sha256_tree, write_json
 from reprotune.model.builtin import build_tiny_llama
 
 PROVENANCE_FILE = "reprotune_base.json"
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-llama": build_tiny_llama}
 
 # Files a model folder needs for loading, tokenizing and chat formatting; never pickles.

@@ -25,9 +25,11 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from reprotune.config.check import BUILTIN_MAX_POSITIONS
+
 CORPUS = Path(__file__).with_name("tiny_corpus.txt")
 VOCAB_SIZE = 4096
-MAX_LENGTH = 2048
+MAX_LENGTH = BUILTIN_MAX_POSITIONS["builtin:tiny-llama"]
 BOS, EOS, PAD, IM_START, IM_END = "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIALS = [BOS, EOS, PAD, IM_START, IM_END]  # ids 0..4, in this order
 CHAT_TEMPLATE = (
