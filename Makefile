@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup setup-gpu run test test-all bench gpu-check clean
 setup: $(VENV)/.installed
 
 # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build; then the rest,
@@ -16,6 +16,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+# GPU machines (not CI): PyPI's CUDA build of torch, the same pins for everything else, flash-attn.
+setup-gpu:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	grep -v '^torch==' constraints.txt > $(VENV)/constraints-gpu.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints-gpu.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[gpu]" || echo "flash-attn not installed: sdpa will be used"
+	touch $(VENV)/.installed
 
 run: setup
 	test -d .git || git init -q
