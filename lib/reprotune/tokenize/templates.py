@@ -1,0 +1,287 @@
+"""Prompt strategies: validated records -> token sequences whose labels are -100 where no loss is taken.
+
+Features
+- One mechanism for every strategy: a record is rendered to one text plus the character spans that
+  carry loss; a batch of texts goes through the fast tokenizer in one call (no special tokens, with
+  offsets) and every span becomes the range of tokens overlapping it. Labels are kept as token
+  ranges until the batch is flattened, so masking costs a few integer ops per record.
+- alpaca, alpaca_format "alpaca": `[system\\n\\n]### Instruction:\\n...\\n\\n[### Input:\\n...\\n\\n]
+  ### Response:\\n` + output, then EOS (trained, exactly once).
+- alpaca, alpaca_format "chat_template": [system?, user: instruction[\\n\\ninput], assistant: output]
+  through the chat strategy.
+- chat: any Hugging Face chat template, with no per-template code. The conversation is rendered once;
+  rendering each prefix of it gives each message's character span, and rendering the prefix plus the
+  message with a sentinel as content gives its header (role markers), which stays untrained. A trained
+  turn keeps its end-of-turn tokens (<|im_end|>, </s>); whitespace the template puts after such a
+  special token separates turns and stays untrained (generation stops at the special token).
+  A template that renders a message differently once later messages follow (so prefixes are not
+  prefixes) is refused with an error naming it, never masked by guesswork.
+- completion: the raw text then EOS, all trained; a document longer than sequence_len is cut into
+  sequence_len chunks, each its own sequence (the BOS only in the first).
+- BOS exactly once, and only where the tokenizer adds one itself (a probe finds what it adds in
+  front of a text); a chat template that writes the BOS itself does not get a second.
+- labels[0] of every sequence is -100: nothing in its own sequence precedes it, and in a packed row
+  the previous position belongs to another sequence, so a label there would train across documents.
+- Length policy for alpaca and chat (sequence_len): excess_length drop (counted), truncate (cut,
+  counted) or error (TokenizeError naming source:line). A sequence left with no trained token (e.g. the
+  cut removed the response, or no turn has a role in roles_to_train) is dropped and counted.
+
+Trade-offs
+- The prompt and the response are tokenized as one text, as the model reads them. Tokenizing them
+  apart would give the response a spurious leading space on SentencePiece tokenizers. The cost: a
+  token that straddles the prompt/response boundary is trained (never the case after the newline or
+  special token that ends every built-in prompt).
+- The chat strategy renders the template about (messages + trained turns) times per conversation
+  (~40 us a render): slower than a per-template regex, but right for any template.
+- Text that spells a special token (e.g. "</s>") is read as that special token, as everywhere in
+  Hugging Face tokenization by default.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import jinja2
+
+from reprotune.config.sections import TokenizeConfig
+from reprotune.errors import BadInput
+
+IGNORE_INDEX = -100
+# Private-use code points: never in real text, never stripped by a template's `| trim`.
+SENTINEL = "\ue000reprotune-content\ue001"
+
+
+class TokenizeError(BadInput):
+    """Records cannot be tokenized as configured (a record too long under excess_length error, a
+    tokenizer or chat template unfit for label masking): bad input, the stage exits 2."""
+
+
+class Sequence(NamedTuple):
+    input_ids: list[int]
+    trained: tuple[tuple[int, int], ...]
+    """Token ranges [start, end) carrying labels, sorted, disjoint, never including position 0."""
+
+    @property
+    def n_trained(self) -> int:
+        return sum(b - a for a, b in self.trained)
+
+    def labels(self) -> list[int]:
+        labels = [IGNORE_INDEX] * len(self.input_ids)
+        for a, b in self.trained:
+            labels[a:b] = self.input_ids[a:b]
+        return labels
+
+    def cut(self, start: int, end: int) -> Sequence:
+        """Tokens [start, end) as a sequence of their own."""
+        return make_sequence(self.input_ids[start:end], [(a - start, b - start) for a, b in self.trained])
+
+
+def make_sequence(ids: list[int], ranges) -> Sequence:
+    """A Sequence with `ranges` clipped to [1, len(ids)) (position 0 is never a target)."""
+    clipped = ((max(a, 1), min(b, len(ids))) for a, b in ranges)
+    return Sequence(ids, tuple((a, b) for a, b in clipped if a < b))
+
+
+class Rendered(NamedTuple):
+    text: str
+    spans: list[tuple[int, int]]
+    """Character ranges [start, end) of `text` that carry labels."""
+    add_eos: bool
+    """Append the EOS token (trained): alpaca and completion; chat templates end turns themselves."""
+    chunk: bool
+    """Split into sequence_len chunks instead of applying excess_length (completion)."""
+
+
+@dataclass
+class Encoded:
+    """One batch of records as sequences, in record order."""
+
+    sequences: list[Sequence] = field(default_factory=list)
+    record: list[int] = field(default_factory=list)
+    """Index in the batch of each sequence's record."""
+    counts: Counter = field(default_factory=Counter)
+    """dropped_too_long, truncated, dropped_no_trainable."""
+
+
+def alpaca_prompt(system: str | None, instruction: str, input_: str | None) -> str:
+    """The Alpaca prompt, ending with the response header."""
+    parts = [f"{system}\n\n"] if system else []
+    parts.append(f"### Instruction:\n{instruction}\n\n")
+    if input_:
+        parts.append(f"### Input:\n{input_}\n\n")
+    parts.append("### Response:\n")
+    return "".join(parts)
+
+
+def alpaca_messages(record: dict) -> list[dict]:
+    """An alpaca record as a [system?, user, assistant] conversation."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+    system = [{"role": "system", "content": record["system"]}] if record["system"] else []
+    return [*system, {"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer puts in front of a text by itself (usually [bos] or [])."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k]
+    raise TokenizeError(f"tokenizer {tokenizer.name_or_path!r}: cannot find the text among its special tokens")
+
+
+class PromptEncoder:
+    """Records -> Sequences for one tokenizer and one `tokenize` config."""
+
+    def __init__(self, tokenizer, cfg: TokenizeConfig):
+        name = tokenizer.name_or_path
+        if not tokenizer.is_fast:
+            raise TokenizeError(f"tokenizer {name!r} has no fast (Rust) version; offsets need one")
+        if tokenizer.eos_token_id is None:
+            raise TokenizeError(f"tokenizer {name!r} has no EOS token")
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.prefix = special_prefix(tokenizer)
+        self.eos = tokenizer.eos_token_id
+        self.roles = frozenset(cfg.roles_to_train)
+        added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+        self.specials = tuple(sorted({*tokenizer.all_special_tokens, *added}))
+
+    # ------------------------------------------------------------------ batch
+
+    def encode(self, records: list[dict]) -> Encoded:
+        """Sequences of `records` (dicts with the validated columns), length policy applied."""
+        rendered = [self.render(r) for r in records]
+        encodings = self.tokenizer.backend_tokenizer.encode_batch(
+            [r.text for r in rendered], add_special_tokens=False)
+        out = Encoded()
+        for i, (record, r, enc) in enumerate(zip(records, rendered, encodings)):
+            for seq in self._fit(self._sequence(r, enc), r.chunk, record, out.counts):
+                out.sequences.append(seq)
+                out.record.append(i)
+        return out
+
+    def _sequence(self, r: Rendered, enc) -> Sequence:
+        """Token ids and trained ranges of one rendered record: [BOS] + text tokens + [EOS]."""
+        ids = enc.ids
+        lead = self.prefix if ids[:len(self.prefix)] != self.prefix else []
+        ranges = [(a + len(lead), b + len(lead))
+                  for a, b in filter(None, (_token_range(enc, s, e, len(r.text)) for s, e in r.spans))]
+        tail = [self.eos] if r.add_eos else []
+        ids = lead + ids + tail
+        if tail:
+            ranges.append((len(ids) - 1, len(ids)))
+        return make_sequence(ids, _merge(ranges))
+
+    def _fit(self, seq: Sequence, chunk: bool, record: dict, counts: Counter) -> list[Sequence]:
+        """Apply the length policy; drop (and count) sequences left without a trained token."""
+        n, limit = len(seq.input_ids), self.cfg.sequence_len
+        if chunk:
+            parts = [seq.cut(s, s + limit) for s in range(0, n, limit)]
+        elif n <= limit:
+            parts = [seq]
+        elif self.cfg.excess_length == "error":
+            raise TokenizeError(f"{record['source']}:{record['line']}: {n} tokens, over tokenize.sequence_len "
+                            f"{limit} (tokenize.excess_length is error)")
+        elif self.cfg.excess_length == "drop":
+            counts["dropped_too_long"] += 1
+            return []
+        else:
+            counts["truncated"] += 1
+            parts = [seq.cut(0, limit)]
+        kept = [p for p in parts if p.n_trained]
+        counts["dropped_no_trainable"] += len(parts) - len(kept)
+        return kept
+
+    # ------------------------------------------------------------------ rendering
+
+    def render(self, record: dict) -> Rendered:
+        """The text of one record and the character spans that carry labels."""
+        kind = record["type"]
+        if kind == "completion":
+            return Rendered(record["text"], [(0, len(record["text"]))], add_eos=True, chunk=True)
+        if kind == "chat":
+            return self._chat(record["messages"], record)
+        if self.cfg.alpaca_format == "chat_template":
+            return self._chat(alpaca_messages(record), record)
+        prompt = alpaca_prompt(record["system"], record["instruction"], record["input"])
+        text = prompt + record["output"]
+        start = 0 if self.cfg.train_on_inputs else len(prompt)
+        return Rendered(text, [(start, len(text))], add_eos=True, chunk=False)
+
+    def _chat(self, messages: list[dict], record: dict) -> Rendered:
+        full = self._apply(messages, record)
+        if self.cfg.train_on_inputs:
+            return Rendered(full, [(0, len(full))], add_eos=False, chunk=False)
+        last = max((i for i, m in enumerate(messages) if m["role"] in self.roles), default=-1)
+        spans, start = [], 0
+        for i in range(last + 1):  # turns after the last trained one need no span
+            end = len(full) if i == len(messages) - 1 else self._prefix_len(messages[:i + 1], full, record)
+            if messages[i]["role"] in self.roles:
+                content = start + self._header_len(messages[:i], messages[i]["role"], full, start, record)
+                spans.append((content, self._turn_end(full, content, end)))
+            start = end
+        return Rendered(full, spans, add_eos=False, chunk=False)
+
+    def _apply(self, messages: list[dict], record: dict) -> str:
+        if not self.tokenizer.chat_template:
+            raise TokenizeError(f"{record['source']}:{record['line']}: tokenizer "
+                                f"{self.tokenizer.name_or_path!r} has no chat template")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except jinja2.TemplateError as e:
+            raise TokenizeError(f"{record['source']}:{record['line']}: chat template of "
+                                f"{self.tokenizer.name_or_path!r} failed: {e}") from e
+
+    def _prefix_len(self, messages: list[dict], full: str, record: dict) -> int:
+        """Length of the first messages' render, which must be a prefix of the whole render."""
+        text = self._apply(messages, record)
+        if not full.startswith(text):
+            raise TokenizeError(
+                f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} "
+                f"renders the first {len(messages)} messages differently once later ones follow, so "
+                "turns cannot be located for label masking; use another template or train_on_inputs")
+        return len(text)
+
+    def _header_len(self, before: list[dict], role: str, full: str, start: int, record: dict) -> int:
+        """Length of the template text in front of a `role` message's content starting at `start`."""
+        probe = self._apply([*before, {"role": role, "content": SENTINEL}], record)
+        at = probe.find(SENTINEL)
+        if at < start or probe[:at] != full[:at]:
+            raise TokenizeError(
+                f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} "
+                f"does not render a {role!r} message as header + content in place; remove {role!r} from "
+                "tokenize.roles_to_train or use train_on_inputs")
+        return at - start
+
+    def _turn_end(self, full: str, start: int, end: int) -> int:
+        """`end`, less whitespace the template writes after an end-of-turn special token."""
+        kept = full[start:end].rstrip()
+        return start + len(kept) if kept.endswith(self.specials) else end
+
+
+def _token_range(enc, start: int, end: int, n_chars: int) -> tuple[int, int] | None:
+    """Tokens overlapping characters [start, end) of the encoded text, or None if none do."""
+    first = next((t for c in range(start, end) if (t := enc.char_to_token(c)) is not None), None)
+    if first is None:
+        return None
+    if end == n_chars:
+        return first, len(enc)
+    last = next(t for c in range(end - 1, start - 1, -1) if (t := enc.char_to_token(c)) is not None)
+    # char_to_token names the first token of a character; the bytes of one character can span several
+    while last + 1 < len(enc) and enc.token_to_chars(last + 1)[0] < end:
+        last += 1
+    return first, last + 1
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ranges with touching or overlapping ones merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out

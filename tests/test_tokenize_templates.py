@@ -1,0 +1,209 @@
+"""Prompt strategies and label masking: golden fixtures plus checks a person can read.
+
+Two tokenizers: the built-in byte-level BPE (no BOS, ChatML) and a Llama-style SentencePiece one
+(adds BOS, [INST] template that writes BOS itself and puts EOS after each answer). The goldens live in
+tests/fixtures/tokenize/ and are rewritten only by tests/fixtures/make_tokenize_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+
+from fixtures import make_tokenize_fixtures as fx
+from reprotune.tokenize.templates import IGNORE_INDEX, PromptEncoder, TokenizeError, alpaca_prompt
+
+END_OF_TURN = {"builtin": "<|im_end|>", "llama_spm": "</s>"}
+
+
+@pytest.fixture(scope="module", params=list(fx.BUILDERS))
+def tok(request):
+    tokenizer = fx.load_tokenizer(request.param)
+    tokenizer.fixture_name = request.param
+    return tokenizer
+
+
+def encode(tokenizer, records, **changes):
+    return PromptEncoder(tokenizer, dataclasses.replace(fx.BASE_CFG, **changes)).encode(records)
+
+
+def runs(seq) -> list[list[int]]:
+    """The labelled tokens of a sequence, one list per contiguous run."""
+    out, prev = [], False
+    for t, label in zip(seq.input_ids, seq.labels()):
+        on = label != IGNORE_INDEX
+        if on and prev:
+            out[-1].append(t)
+        elif on:
+            out.append([t])
+        prev = on
+    return out
+
+
+def check_bos_eos(tok, ids: list[int], eos: int = 1) -> None:
+    """BOS exactly once and first where the tokenizer adds one, else never; `eos` EOS, one last."""
+    if tok.fixture_name == "llama_spm":
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    else:
+        assert tok.bos_token_id not in ids
+    assert ids.count(tok.eos_token_id) == eos and (not eos or ids[-1] == tok.eos_token_id)
+
+
+# ----------------------------------------------------------------------------- goldens
+
+@pytest.mark.parametrize("case", list(fx.CASES))
+def test_golden(tok, case):
+    golden = json.loads(fx.fixture_path(tok.fixture_name).read_text(encoding="utf-8"))
+    assert fx.encode_case(tok, case) == golden[case]
+
+
+def test_labels_equal_ids_where_set(tok):
+    for case in fx.CASES:
+        for seq in fx.encode_case(tok, case)["sequences"]:
+            assert len(seq["labels"]) == len(seq["input_ids"])
+            assert seq["labels"][0] == IGNORE_INDEX
+            assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(seq["input_ids"], seq["labels"]))
+
+
+# ----------------------------------------------------------------------------- alpaca
+
+@pytest.mark.parametrize("record", [fx.ALPACA, fx.ALPACA_FULL])
+def test_alpaca_trains_response_and_eos_only(tok, record):
+    [seq] = encode(tok, [record]).sequences
+    assert [tok.decode(r) for r in runs(seq)] == [record["output"] + tok.eos_token]
+    check_bos_eos(tok, seq.input_ids)
+    prompt = alpaca_prompt(record["system"], record["instruction"], record["input"])
+    # the prompt part is exactly what the tokenizer itself makes of the prompt (BOS included or not)
+    expected_prompt = tok(prompt)["input_ids"]
+    assert seq.input_ids[:len(expected_prompt)] == expected_prompt
+
+
+def test_alpaca_prompt_layout():
+    assert alpaca_prompt(None, "Add 1 and 2.", "") == "### Instruction:\nAdd 1 and 2.\n\n### Response:\n"
+    assert alpaca_prompt("Be brief.", "Sort.", "3 1") == (
+        "Be brief.\n\n### Instruction:\nSort.\n\n### Input:\n3 1\n\n### Response:\n")
+
+
+def test_alpaca_train_on_inputs_labels_everything_but_position_0(tok):
+    [seq] = encode(tok, [fx.ALPACA_FULL], train_on_inputs=True).sequences
+    assert seq.labels()[1:] == seq.input_ids[1:]
+    check_bos_eos(tok, seq.input_ids)
+
+
+def test_alpaca_via_chat_template_is_the_chat_strategy(tok):
+    [via_alpaca] = encode(tok, [fx.ALPACA_FULL], alpaca_format="chat_template").sequences
+    conversation = fx.chat(
+        ("system", "You are a careful assistant."),
+        ("user", "Sort these numbers from smallest to largest.\n\n3 1 2"),
+        ("assistant", "1 2 3"),
+    )
+    [via_chat] = encode(tok, [conversation]).sequences
+    assert via_alpaca == via_chat
+    assert [tok.decode(r) for r in runs(via_alpaca)] == ["1 2 3" + END_OF_TURN[tok.fixture_name]]
+
+
+# ----------------------------------------------------------------------------- chat
+
+def test_chat_trains_assistant_turns_with_their_end_of_turn(tok):
+    [seq] = encode(tok, [fx.CONVERSATION]).sequences
+    end = END_OF_TURN[tok.fixture_name]
+    assert [tok.decode(r) for r in runs(seq)] == ["Paris." + end, "Rome, of course." + end]
+    check_bos_eos(tok, seq.input_ids, eos=2 if tok.fixture_name == "llama_spm" else 0)  # [INST]: one per answer
+    if tok.fixture_name == "llama_spm":  # the template writes BOS and the tokenizer adds one: still one
+        assert tok.apply_chat_template(fx.CONVERSATION["messages"], tokenize=False).startswith("<s>")
+
+
+def test_chat_roles_to_train_user_and_assistant(tok):
+    [seq] = encode(tok, [fx.CONVERSATION], roles_to_train=("user", "assistant")).sequences
+    texts = [tok.decode(r) for r in runs(seq)]
+    if tok.fixture_name == "builtin":  # each turn's header (<|im_start|>role\n) stays untrained
+        assert texts == ["What is the capital of France?<|im_end|>", "Paris.<|im_end|>",
+                         "And of Italy?<|im_end|>", "Rome, of course.<|im_end|>"]
+    else:  # the system prompt sits inside the first [INST] block, in its header: not trained
+        assert texts == ["What is the capital of France? [/INST] Paris.</s>",
+                         "And of Italy? [/INST] Rome, of course.</s>"]
+    assert all("Answer briefly" not in t for t in texts)
+
+
+def test_chat_train_on_inputs(tok):
+    [seq] = encode(tok, [fx.CONVERSATION], train_on_inputs=True).sequences
+    assert seq.labels()[1:] == seq.input_ids[1:]
+
+
+def test_chat_without_a_trained_role_is_dropped(tok):
+    enc = encode(tok, [fx.CONVERSATION], roles_to_train=("tool",))
+    assert enc.sequences == [] and enc.counts["dropped_no_trainable"] == 1
+
+
+def test_chat_span_ending_inside_a_multibyte_character():
+    # no end-of-turn token: the trained span ends right after the emoji, whose bytes are 4 tokens
+    tok = copy.deepcopy(fx.load_tokenizer("builtin"))
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{% endfor %}"
+    [seq] = encode(tok, [fx.chat(("user", "hi"), ("assistant", "ok 😀"), ("user", "bye"))]).sequences
+    assert [tok.decode(r) for r in runs(seq)] == ["ok 😀"]
+
+
+def test_chat_template_that_is_not_prefix_stable_is_refused():
+    tok = copy.deepcopy(fx.load_tokenizer("builtin"))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}<END>{% endif %}{% endfor %}"
+    with pytest.raises(TokenizeError, match=r"fixtures.jsonl:1: chat template of .*builtin.* differently"):
+        encode(tok, [fx.CONVERSATION])
+
+
+def test_role_folded_into_another_turn_is_refused():
+    tok = fx.load_tokenizer("llama_spm")  # the [INST] template renders system only inside a user turn
+    with pytest.raises(TokenizeError, match="'system' message"):
+        encode(tok, [fx.CONVERSATION], roles_to_train=("system", "assistant"))
+
+
+def test_tokenizer_without_chat_template_is_refused():
+    tok = copy.deepcopy(fx.load_tokenizer("builtin"))
+    tok.chat_template = None
+    with pytest.raises(TokenizeError, match="no chat template"):
+        encode(tok, [fx.CONVERSATION])
+
+
+# ----------------------------------------------------------------------------- completion
+
+def test_completion_trains_every_token_and_ends_with_eos(tok):
+    [seq] = encode(tok, [fx.completion("Water boils at one hundred degrees.")]).sequences
+    assert seq.labels()[1:] == seq.input_ids[1:]
+    check_bos_eos(tok, seq.input_ids)
+
+
+def test_completion_is_chunked_at_sequence_len(tok):
+    whole = encode(tok, [fx.completion(fx.LONG_TEXT)]).sequences[0].input_ids
+    chunks = encode(tok, [fx.completion(fx.LONG_TEXT)], sequence_len=16).sequences
+    assert [len(c.input_ids) for c in chunks[:-1]] == [16] * (len(chunks) - 1) and len(chunks) >= 2
+    assert [t for c in chunks for t in c.input_ids] == whole
+    for c in chunks:
+        assert c.labels()[1:] == c.input_ids[1:]
+    check_bos_eos(tok, whole)
+
+
+# ----------------------------------------------------------------------------- length policy
+
+def test_truncate_keeps_the_start_and_counts(tok):
+    enc = encode(tok, [fx.alpaca("Repeat.", fx.LONG_TEXT)], sequence_len=32, excess_length="truncate")
+    [seq] = enc.sequences
+    assert len(seq.input_ids) == 32 and enc.counts["truncated"] == 1
+    assert fx.LONG_TEXT.startswith(tok.decode(runs(seq)[0]))
+    assert tok.eos_token_id not in seq.input_ids
+
+
+def test_truncation_that_removes_the_response_drops(tok):
+    enc = encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok")], sequence_len=32, excess_length="truncate")
+    assert enc.sequences == [] and enc.counts == {"truncated": 1, "dropped_no_trainable": 1}
+
+
+def test_drop_counts_and_keeps_the_rest(tok):
+    enc = encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok"), fx.ALPACA], sequence_len=32)
+    assert enc.counts["dropped_too_long"] == 1 and enc.record == [1]
+
+
+def test_error_names_the_record(tok):
+    with pytest.raises(TokenizeError, match=r"fixtures.jsonl:7: \d+ tokens, over tokenize.sequence_len 32"):
+        encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok", line=7)], sequence_len=32, excess_length="error")
