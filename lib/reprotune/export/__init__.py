@@ -1,0 +1,19 @@
+"""Export: the deployable folder models/export/, checkable by anyone who receives it.
+
+Modules (import the one you need; this package file imports nothing):
+- bundle.py    `build_export`: the merged safetensors shards (+ index), tokenizer, generation config,
+               optional GGUF, the model card and the manifest, into one folder.
+- card.py      README.md model card: base model and its pinned revision, data files with their
+               SHA-256, the params that produced it (as YAML), metrics, the reprotune version.
+               Scrubbed of secrets (HF tokens, secret-named environment values) and absolute paths.
+- manifest.py  manifest.json (SHA-256 of every file) and `verify_manifest`.
+- gguf.py      a llama.cpp GGUF file (f16/f32) for Llama-architecture models, written with the `gguf`
+               package: llama.cpp tensor names, rotary Q/K permutation, hyperparameters, BPE tokenizer.
+- tensors.py   streaming safetensors reads and writes (one tensor in memory at a time), shared with
+               the merge.
+
+Trade-offs: GGUF is written directly (no llama.cpp checkout or converter script), so only the
+Llama layout and byte-level BPE tokenizers are covered; other architectures are refused with a
+message pointing to llama.cpp's convert_hf_to_gguf.py. No quantized GGUF types: quantize the f16
+file with llama.cpp's llama-quantize.
+"""

@@ -1,0 +1,152 @@
+"""Evaluate: every figure recomputed independently (HF's own loss and greedy `generate`) on a tiny case."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from reprotune.evaluate import evaluate, read_val_sequences
+from reprotune.model.builtin import build_tiny_llama
+from test_merge import write_packed
+
+REPO = Path(__file__).resolve().parents[1]
+DECLARED = ("evaluate.max_sequences", "evaluate.max_new_tokens", "evaluate.num_samples",
+            "base.trust_remote_code")  # the stage's params in dvc.yaml
+MAX_NEW = 8
+PROMPTS = ["### Instruction:\nAdd 2 and 3.\n\n### Response:\n", "### Instruction:\nName a color.\n\n### Response:\n",
+           "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    """Two different tiny models standing in for base and tuned (evaluate only compares folders)."""
+    base, tuned = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("tuned")
+    build_tiny_llama(base, seed=0)
+    build_tiny_llama(tuned, seed=1)
+    return base, tuned
+
+
+@pytest.fixture(scope="module")
+def hf(models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, tuned = models
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+    return AutoTokenizer.from_pretrained(tuned), {"base": load(base), "tuned": load(tuned)}
+
+
+def hf_greedy(model, prompt: list[int], stops: list[int]) -> list[int]:
+    """Transformers' own greedy generation, without the stop token that ended it."""
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=stops, pad_token_id=2)
+    new = out[0, len(prompt):].tolist()
+    return new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+
+
+@pytest.fixture(scope="module")
+def case(hf, tmp_path_factory):
+    """Val data: seq 0's answer is the base's own greedy output (a sure match), seq 1's answer is
+    wrong for both models, seq 2 is supervised from its first token (scored, not generated)."""
+    tok, m = hf
+    stops = [1, 4]
+    p0, p1, p2 = (tok(p)["input_ids"] for p in PROMPTS)
+    answer0 = hf_greedy(m["base"], p0, stops)
+    assert answer0  # a non-empty answer, so the match is not trivial
+    answer1 = tok(" purple")["input_ids"]
+    assert answer1 != hf_greedy(m["base"], p1, stops)[: len(answer1)]
+    seq = lambda p, a, end: (p + a + [end], [-100] * len(p) + a + [end])  # noqa: E731
+    s0, s1 = seq(p0, answer0, 1), seq(p1, answer1, 4)
+    s2 = (tok("plain text to continue")["input_ids"],) * 2
+    root = write_packed(tmp_path_factory.mktemp("data") / "packed", [[s0, s1], [s2]])
+    return root, [s0, s1, s2]
+
+
+def split(seq: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """Prompt (before the first label) and answer (the labelled tokens without the final stop token)."""
+    ids, labels = seq
+    first = next(i for i, x in enumerate(labels) if x != -100)
+    return ids[:first], ids[first:-1]
+
+
+def test_sequences_are_unpacked_in_order_and_limited(case):
+    root, seqs = case
+    got = read_val_sequences(root, 10)
+    assert [(s.input_ids, s.labels) for s in got] == [tuple(map(list, s)) for s in seqs]
+    assert len(read_val_sequences(root, 2)) == 2
+    assert read_val_sequences(root.parent / "nowhere", 5) == []
+
+
+def test_sequences_are_spread_over_the_split(tmp_path):
+    """Packing sorts by length: taking the first N would evaluate only the longest sequences."""
+    rows = [[([k, k + 1], [-100, k + 1]) for k in range(r * 4, r * 4 + 4)] for r in range(3)]  # 12 sequences
+    root = write_packed(tmp_path / "packed", rows)
+    assert [s.input_ids[0] for s in read_val_sequences(root, 4)] == [0, 3, 6, 9]
+
+
+def test_figures_match_independent_computation(models, hf, case):
+    base, tuned = models
+    root, seqs = case
+    tok, m = hf
+    metrics, samples = evaluate(base, tuned, root, max_sequences=10, max_new_tokens=MAX_NEW, num_samples=1)
+    for name, model in m.items():
+        nll, n = 0.0, 0
+        for ids, labels in seqs:  # HF's loss: mean over the shifted supervised tokens of one sequence
+            k = sum(label != -100 for label in labels[1:])
+            with torch.no_grad():
+                nll += float(model(torch.tensor([ids]), labels=torch.tensor([labels])).loss) * k
+            n += k
+        got = metrics[name]
+        assert got["supervised_tokens"] == n and got["sequences"] == 3
+        assert got["loss"] == pytest.approx(nll / n, abs=2e-6)
+        assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+        matches = [decode(hf_greedy(model, prompt, [1, 4])) == decode(answer)
+                   for prompt, answer in map(split, seqs[:2])]
+        assert got["generated"] == 2 and got["exact_match_count"] == sum(matches)
+        assert got["exact_match"] == sum(matches) / 2
+    assert metrics["base"]["exact_match"] == 0.5  # seq 0 by construction, seq 1 by construction not
+    assert metrics["delta_loss"] == pytest.approx(metrics["tuned"]["loss"] - metrics["base"]["loss"], abs=2e-6)
+    assert metrics["dtype"] == "float32"
+    (sample,) = samples
+    assert sample["index"] == 0 and sample["prompt"] == PROMPTS[0]
+    assert sample["reference"] == sample["base"] == tok.decode(split(seqs[0])[1]).strip()
+
+
+def test_deterministic(models, case):
+    root, _ = case
+    first = evaluate(*models, root, max_sequences=2, max_new_tokens=4, num_samples=2)
+    assert evaluate(*models, root, max_sequences=2, max_new_tokens=4, num_samples=2) == first
+
+
+def test_no_validation_split_gives_empty_figures(models, tmp_path):
+    metrics, samples = evaluate(*models, tmp_path, max_sequences=5, max_new_tokens=4, num_samples=3)
+    assert metrics["base"]["sequences"] == 0 and metrics["base"]["loss"] is None
+    assert metrics["delta_loss"] is None and samples == []
+
+
+def test_stage_writes_metrics_and_samples(models, case, tmp_path, monkeypatch):
+    from reprotune.config import load_params
+    from reprotune.config.declared import restrict
+
+    base, tuned = models
+    for src, dst in ((base, "models/base"), (tuned, "models/merged"), (case[0], "data/packed")):
+        (tmp_path / dst).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / dst).symlink_to(src)
+    params = restrict(load_params(REPO / "params.yaml"), DECLARED, "evaluate")  # as run_stage passes them
+    stage = runpy.run_path(str(REPO / "stages/evaluate.py"))
+    monkeypatch.chdir(tmp_path)
+    stage["main"](params)
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert set(metrics) >= {"base", "tuned", "delta_loss", "delta_exact_match", "seconds"}
+    assert set(metrics["tuned"]) >= {"loss", "perplexity", "exact_match", "sequences", "supervised_tokens"}
+    lines = Path("metrics/samples.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # two sequences have a prompt (num_samples is 8)
+    assert set(json.loads(lines[1])) == {"index", "prompt", "reference", "base", "tuned"}
