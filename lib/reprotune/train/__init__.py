@@ -1,0 +1,48 @@
+"""The `train` stage: a LoRA adapter on a 4-bit (QLoRA) or full-precision base, with the HF Trainer.
+
+Features
+- Model (model.py): bitsandbytes NF4/FP4 with double quantization, compute dtype and attention from
+  hardware.resolve (bf16 + flash-attn varlen on Ampere+ GPUs, fp32 + sdpa on CPU), then peft LoRA on
+  every Linear but the output head (or on checked `target_modules`), rsLoRA, DoRA, modules_to_save.
+- Batches (batches.py): padding-free packing. A micro-batch's bins become one (1, tokens) row whose
+  position_ids restart per sequence and which has no attention mask; the sequences stay apart
+  (flash-attn varlen on GPUs, sdpa run per sequence otherwise: attention.py), proven by a test
+  that scores each sequence alone and packed. Unpacked data gets padded batches with masks.
+- Optimisation (run.py): AdamW (torch, bnb 8-bit, paged 8-bit), cosine/linear/constant schedules
+  with warmup by ratio or steps, accumulation, clipping, bf16/fp16 from the hardware, periodic
+  validation loss, gradient checkpointing (non-reentrant).
+- Guards (trainer.py, callbacks.py): a loss watchdog and a non-finite-loss check raise
+  TrainingStopped; the stage exits 1 with its message. Both agree across DDP processes.
+- Resume (checkpoints.py): see below.
+- Outputs: models/adapter/ (adapter, tokenizer, training_config.json with the params read and
+  the resolved hardware) written atomically; metrics/train.json (final train/eval loss,
+  supervised tokens/s, token counts, steps, peak memory, dtype, attention); per-step curves
+  under dvclive/. CPU runs are bit-for-bit repeatable.
+- Launch (launch.py): in-process, or `accelerate launch` DDP with one process per GPU.
+- Measured (benchmarks/bench_train.py, 2-core CPU): padding-free packing ~2.1x the supervised
+  tokens/s of padded batches holding the same sequences; QLoRA ~0.43x the training memory of
+  bf16 LoRA on a 290M Llama. benchmarks/gpu_check.py runs the same core on a GPU.
+
+Resume: why checkpoints live outside DVC
+checkpoints/train/ is git-ignored and deliberately not a DVC output. DVC deletes a stage's outputs
+before running it, so a checkpoint declared as an output would be gone exactly when a rerun needs
+it; `persist: true` would keep it but switches the run cache off for the stage. Outside DVC,
+checkpoints survive a crash and the stage keeps its run cache. What DVC no longer guarantees, the
+stage does itself: a checkpoint is used only if a marker written atomically after the Trainer
+saved it exists and carries this run's fingerprint (params read, data/packed, base config and
+provenance, process count, resolved hardware); every other checkpoint folder is deleted on start,
+and all of them once the adapter is written. Resumed runs restore the optimizer, scheduler, RNG
+states, data position, token counters and log history, so on CPU a killed and resumed run ends
+with the same adapter and loss curve as an uninterrupted one.
+
+Trade-offs
+- Padding-free rows need attention that honours restarted position_ids. flash-attn varlen and the
+  per-sequence sdpa cost sum(len^2); `attn_implementation: eager` builds a dense (tokens x tokens)
+  block mask, O(tokens^2). Per-sequence sdpa loops in Python over a row's sequences per layer.
+- The loss check costs one host sync per micro-batch (the Trainer's own NaN filter already did).
+- Resume is exact only when train.save_steps is a multiple of train.logging_steps (else the first
+  logged loss after a resume averages fewer steps); the stage warns when it is not.
+- GPU runs repeat only up to kernel nondeterminism (atomics in flash-attn and cuBLAS backward).
+- DDP only. QLoRA with FSDP needs GPUs (bitsandbytes shards only on CUDA) and a quant storage dtype
+  equal to the compute dtype (quant.bnb_4bit_quant_storage: bf16); it is not wired in here.
+"""

@@ -1,0 +1,202 @@
+"""The train core: models/base + data/packed -> models/adapter, metrics/train.json, dvclive/.
+
+Paths are relative to `root` (the repo root when run as a stage). Under DDP every process runs
+this; only the main process writes outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import shutil
+from pathlib import Path
+from typing import Any
+
+from reprotune.config.sections import SECTION_TYPES
+from reprotune.hardware import Capabilities, resolve
+from reprotune.io import atomic_dir, write_json
+from reprotune.train import attention
+from reprotune.train.batches import PackedRows, PaddedCollator, collate_padding_free, read_manifest, split_files
+from reprotune.train.checkpoints import fingerprint, select_resume, step_of
+from reprotune.train.model import load_trainable
+
+BASE = Path("models/base")
+PACKED = Path("data/packed")
+ADAPTER = Path("models/adapter")
+CHECKPOINTS = Path("checkpoints/train")
+DVCLIVE = Path("dvclive")
+METRICS = Path("metrics/train.json")
+SECTIONS = ("quant", "lora", "train")
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
+                   "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken")
+# transformers' "constant" ignores warmup; "constant_with_warmup" with 0 warmup steps is the same
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+# padded positions are masked out and carry label -100, so any valid id will do
+PAD_ID = 0
+
+log = logging.getLogger(__name__)
+
+
+def params_read(params: Any) -> dict[str, Any]:
+    """Every key of the sections this stage reads, dotted (quant.load_in_4bit, ...)."""
+    return {f"{s}.{f.name}": getattr(getattr(params, s), f.name)
+            for s in SECTIONS for f in dataclasses.fields(SECTION_TYPES[s])}
+
+
+def capabilities(params: Any) -> Capabilities:
+    t, q = params.train, params.quant
+    return resolve(t.bf16, t.fp16, t.attn_implementation,
+                   q.bnb_4bit_compute_dtype if q.load_in_4bit else "auto")
+
+
+def train(params: Any, root: Path = Path(".")) -> dict | None:
+    """Train (resuming from a matching complete checkpoint); returns the metrics on the main process."""
+    manifest = read_manifest(root / PACKED)  # bad data is reported before torch is even imported
+    train_rows = PackedRows(root / PACKED, "train")
+    val_rows = PackedRows(root / PACKED, "val") if split_files(root / PACKED, "val") else None
+    caps = capabilities(params)
+    args = training_arguments(params.train, caps, root / CHECKPOINTS, has_val=val_rows is not None,
+                              packed=manifest["packed"])
+
+    read = params_read(params)
+    run = {"world_size": args.world_size, "device": caps.device, "compute_dtype": caps.compute_dtype,
+           "attn_implementation": attention.effective(caps.attn_implementation, manifest["packed"])}
+    fp = fingerprint(read, root / PACKED, root / BASE, run)
+    with args.main_process_first(local=False, desc="checkpoint selection"):
+        resume = select_resume(root / CHECKPOINTS, fp, prune=args.process_index == 0)
+    if resume:
+        log.info("resuming from %s", resume)
+
+    model = load_trainable(root / BASE, params.quant, params.lora, params.train, caps, run["attn_implementation"])
+    trainer = _trainer(model, args, train_rows, val_rows, manifest["packed"], params.train, fp, root)
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if not trainer.is_world_process_zero():
+        return None
+    metrics = {**_metrics(trainer, out.metrics, resume), **peak_memory(caps), **run}
+    _save_adapter(trainer.model, root, {"params": read, "hardware": caps.as_dict(), "run": run,
+                                        "data": {k: manifest[k] for k in ("sequence_len", "packed")}})
+    write_json(root / METRICS, metrics)
+    # a finished run's checkpoints must go: a rerun with the same inputs would resume at the last
+    # step and train nothing
+    shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
+    return metrics
+
+
+def training_arguments(cfg: Any, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=SCHEDULERS[cfg.lr_scheduler],
+        warmup_steps=_warmup(cfg),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optimizer,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=caps.bf16,
+        fp16=caps.fp16,
+        use_cpu=caps.device == "cpu",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=cfg.eval_steps,
+        prediction_loss_only=True,
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # the guard raises on a non-finite loss; never hide one in the logs
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,  # the newest may be half-written when killed; the one before is complete
+        restore_callback_states_from_checkpoint=True,
+        # padding-free rows hold no padding (count them all); padded ones count their attention mask
+        include_num_input_tokens_seen="all" if packed else "non_padding",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+        report_to="none",  # DVCLive is wired in as DvcLiveCurves (resume-safe)
+        disable_tqdm=False,
+    )
+
+
+def _warmup(cfg: Any) -> float:
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    # transformers reads a float below 1 as a ratio and anything >= 1 as steps, so a full-length
+    # warmup (ratio 1.0) is passed as the largest float below 1
+    return min(cfg.warmup_ratio or 0.0, math.nextafter(1.0, 0.0))
+
+
+def _trainer(model, args, train_rows, val_rows, packed: bool, cfg: Any, fp: str, root: Path):
+    from reprotune.train.callbacks import (CheckpointMarker, DvcLiveCurves, LogFinalStep, LossWatchdog,
+                                           SupervisedTokens)
+    from reprotune.train.trainer import GuardedTrainer
+
+    if cfg.save_steps % cfg.logging_steps:
+        log.warning("train.save_steps (%d) is not a multiple of train.logging_steps (%d): after a resume "
+                    "the first logged loss averages fewer steps than in an uninterrupted run",
+                    cfg.save_steps, cfg.logging_steps)
+    callbacks = [LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience), SupervisedTokens(),
+                 CheckpointMarker(fp), LogFinalStep(), DvcLiveCurves(root / DVCLIVE)]
+    return GuardedTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
+                          data_collator=collate_padding_free if packed else PaddedCollator(PAD_ID),
+                          callbacks=callbacks)
+
+
+def _metrics(trainer, run_metrics: dict, resume: Path | None) -> dict:
+    history = trainer.state.log_history
+    counter = trainer.supervised_tokens()
+    seconds = run_metrics["train_runtime"]
+    return {
+        "train_loss": next((e["loss"] for e in reversed(history) if "loss" in e), None),
+        "eval_loss": next((e["eval_loss"] for e in reversed(history) if "eval_loss" in e), None),
+        "supervised_tokens_per_second": (counter.seen - counter.at_start) / seconds if seconds else None,
+        "supervised_tokens_seen": counter.seen,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": step_of(resume) if resume else 0,
+        "train_seconds": seconds,
+    }
+
+
+def peak_memory(caps: Capabilities) -> dict:
+    if caps.device == "cuda":
+        import torch
+
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(), "peak_memory_kind": "cuda_allocated"}
+    # ru_maxrss is in KiB on Linux: the process's resident-set high-water mark
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "rss"}
+
+
+def _save_adapter(model, root: Path, config: dict) -> None:
+    # peft records the path the base was loaded from; record the pipeline's name for it instead, so
+    # the adapter's bytes do not depend on where the repo lives
+    model.peft_config["default"].base_model_name_or_path = BASE.as_posix()
+    with atomic_dir(root / ADAPTER) as tmp:
+        model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary is never resized
+        # peft's placeholder model card records the base's load path; training_config.json says more
+        (tmp / "README.md").unlink(missing_ok=True)
+        for pattern in TOKENIZER_FILES:
+            for f in sorted((root / BASE).glob(pattern)):
+                shutil.copyfile(f, tmp / f.name)
+        write_json(tmp / "training_config.json", config)
+        _canonical_adapter_config(tmp / "adapter_config.json")
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    # peft keeps target_modules as a set, so its list order follows string hashing and changes
+    # between processes; sorted, the file (and the adapter's DVC hash) is the same every run
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    write_json(path, config)

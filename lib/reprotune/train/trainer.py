@@ -1,0 +1,48 @@
+"""The HF Trainer with two additions, both consistent across DDP processes.
+
+- Non-finite loss guard: after each micro-batch's backward the loss is checked, and the flag is
+  summed over processes, so every rank raises TrainingStopped at the same micro-batch (a rank that
+  raised alone would leave the others blocked in the next all-reduce). It runs before the
+  optimizer step, so NaN gradients never reach the weights. The check costs one host sync per
+  micro-batch, as the Trainer's NaN log filter (turned off in run.py) would.
+- Supervised-token count: labels != -100 in every micro-batch of an optimizer step (shifted, as
+  the loss sees them), summed over processes, kept in the SupervisedTokens callback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import Trainer
+
+from reprotune.train.batches import IGNORE
+from reprotune.train.callbacks import SupervisedTokens
+from reprotune.train.errors import TrainingStopped
+
+
+class GuardedTrainer(Trainer):
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        local = sum(int((b["labels"][..., 1:] != IGNORE).sum()) for b in batches)
+        self.supervised_tokens().seen += int(self._sum_over_processes(local))
+        return batches, num_items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = loss.item()
+        if self._sum_over_processes(0.0 if math.isfinite(value) else 1.0) > 0:
+            raise TrainingStopped(
+                f"non-finite loss (this process: {value}) at optimizer step {self.state.global_step + 1}; "
+                "stopped before the optimizer step, so the weights are untouched. Lower "
+                "train.learning_rate, use bf16 rather than fp16, or check the data.")
+        return loss
+
+    def supervised_tokens(self) -> SupervisedTokens:
+        # looked up each time: restoring callback states on resume replaces the instance
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, SupervisedTokens))
+
+    def _sum_over_processes(self, value: float) -> float:
+        if self.args.world_size == 1:
+            return value
+        return self.accelerator.gather(torch.tensor([value], device=self.args.device)).sum().item()

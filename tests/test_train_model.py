@@ -1,0 +1,86 @@
+"""The trainable model: 4-bit loading, LoRA targets found from the model, checked names."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from reprotune.config import load_params
+from reprotune.hardware import resolve
+from reprotune.model.builtin import build_tiny_llama
+from reprotune.train.model import load_trainable
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = load_params(REPO / "params.yaml")
+CPU = resolve("auto", False, "auto")
+LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    build_tiny_llama(out)
+    return out
+
+
+def build(tiny: Path, quant: dict | None = None, lora: dict | None = None):
+    q = dataclasses.replace(PARAMS.quant, **(quant or {}))
+    lo = dataclasses.replace(PARAMS.lora, **(lora or {}))
+    return load_trainable(tiny, q, lo, PARAMS.train, CPU, CPU.attn_implementation)
+
+
+def test_qlora_base_is_4bit_nf4_double_quant_with_adapters_on_every_linear_but_the_head(tiny):
+    import bitsandbytes as bnb
+
+    model = build(tiny)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    state = q_proj.base_layer.weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # nested: the scales are quantized too
+    assert q_proj.base_layer.weight.dtype == torch.uint8 and q_proj.base_layer.compute_dtype == torch.float32
+    assert sorted(model.peft_config["default"].target_modules) == LINEARS
+    assert not hasattr(model.base_model.model.lm_head, "lora_A")
+    assert model.config.use_cache is False and model.config._attn_implementation == "sdpa"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_without_4bit_the_base_stays_in_the_compute_dtype(tiny):
+    model = build(tiny, quant={"load_in_4bit": False})
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer) is torch.nn.Linear and q_proj.base_layer.weight.dtype == torch.float32
+
+
+def test_explicit_targets_rsLoRA_DoRA_and_modules_to_save(tiny):
+    model = build(tiny, quant={"load_in_4bit": False}, lora={
+        "target_linear": False, "target_modules": ("q_proj", "v_proj"), "modules_to_save": ("lm_head",),
+        "use_rslora": True, "use_dora": True, "r": 4, "alpha": 8})
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert hasattr(attn.q_proj, "lora_A") and hasattr(attn.v_proj, "lora_A") and not hasattr(attn.k_proj, "lora_A")
+    assert attn.q_proj.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rsLoRA: alpha / sqrt(r)
+    assert "default" in attn.q_proj.lora_magnitude_vector  # DoRA
+    assert any(n.endswith("lm_head.modules_to_save.default.weight") for n, p in model.named_parameters()
+               if p.requires_grad)
+
+
+@pytest.mark.parametrize("key, lora", [
+    ("lora.target_modules", {"target_linear": False, "target_modules": ("q_proj", "qkv_proj")}),
+    ("lora.modules_to_save", {"modules_to_save": ("embed_token",)}),
+])
+def test_a_name_that_matches_no_module_is_an_error_naming_it(tiny, key, lora):
+    bad = (lora.get("target_modules") or lora["modules_to_save"])[-1]
+    with pytest.raises(ValueError, match=rf"{key}: '{bad}' matches no module.*q_proj"):
+        build(tiny, quant={"load_in_4bit": False}, lora=lora)
+
+
+def test_adapter_init_follows_the_seed(tiny):
+    def lora_a(seed):
+        train = dataclasses.replace(PARAMS.train, seed=seed)
+        quant = dataclasses.replace(PARAMS.quant, load_in_4bit=False)
+        model = load_trainable(tiny, quant, PARAMS.lora, train, CPU, CPU.attn_implementation)
+        return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
+
+    assert torch.equal(lora_a(1), lora_a(1)) and not torch.equal(lora_a(1), lora_a(2))

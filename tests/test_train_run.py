@@ -1,0 +1,162 @@
+"""The train core in-process: outputs, counters, determinism, both batch layouts, guards, optimizers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reprotune.config import load_params
+from reprotune.io import sha256_tree
+from reprotune.model.builtin import build_tiny_llama
+from reprotune.train import run as run_module
+from reprotune.train import synthetic
+from reprotune.train.errors import TrainingStopped
+from reprotune.train.run import train
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = load_params(REPO / "params.yaml")
+SEQUENCE_LEN = 128
+# 5 optimizer steps of 2 rows x 2 micro-batches over ~20 packed rows: one epoch, checked below
+FAST = {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": -1, "num_epochs": 1,
+        "save_steps": 2, "eval_steps": 2, "logging_steps": 2, "warmup_ratio": 0.1}
+
+
+def params_with(**sections: dict):
+    return dataclasses.replace(PARAMS, **{s: dataclasses.replace(getattr(PARAMS, s), **kv)
+                                          for s, kv in sections.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    build_tiny_llama(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    return synthetic.sequences(70, seed=0, vocab=4096, max_len=SEQUENCE_LEN, mean_len=40)
+
+
+def project(root: Path, tiny: Path, seqs, packed: bool = True) -> Path:
+    shutil.copytree(tiny, root / "models/base")
+    synthetic.write_packed_dir(root / "data/packed", {"train": seqs[:60], "val": seqs[60:]}, SEQUENCE_LEN, packed)
+    return root
+
+
+def supervised(seqs) -> int:
+    return sum(int((labels[1:] != synthetic.IGNORE).sum()) for _, labels in seqs)
+
+
+def curve(root: Path, name: str) -> list[tuple[int, float]]:
+    lines = (root / "dvclive/plots/metrics" / f"{name}.tsv").read_text().split("\n")[1:]
+    return [(int(s), float(v)) for s, v in (line.split("\t") for line in lines if line)]
+
+
+def test_qlora_run_writes_outputs_counts_tokens_and_repeats_exactly(tmp_path, tiny, seqs):
+    params = params_with(train=FAST)
+    roots = [project(tmp_path / name, tiny, seqs) for name in ("a", "b")]
+    metrics = [train(params, root) for root in roots]
+
+    a, m = roots[0], metrics[0]
+    assert m["steps"] == 5 and m["device"] == "cpu" and m["compute_dtype"] == "float32"
+    assert m["attn_implementation"] == "sdpa_packed"  # sdpa per sequence: no dense mask over the row
+    assert m["supervised_tokens_seen"] == supervised(seqs[:60])  # one epoch, every labelled token once
+    assert m["tokens_seen"] == sum(len(ids) for ids, _ in seqs[:60])
+    assert m["supervised_tokens_per_second"] > 0 and m["peak_memory_kind"] == "rss"
+    assert math.isfinite(m["train_loss"]) and math.isfinite(m["eval_loss"])
+    assert json.loads((a / "metrics/train.json").read_text()) == m
+
+    adapter = a / "models/adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+            "training_config.json"} <= {p.name for p in adapter.iterdir()}
+    config = json.loads((adapter / "training_config.json").read_text())
+    assert config["params"]["quant.load_in_4bit"] is True and config["hardware"]["attn_implementation"] == "sdpa"
+    assert not (a / "checkpoints/train").exists()  # removed once the adapter is written
+
+    losses = curve(a, "train/loss")
+    # every logging_steps, and at the last step whatever the cadence
+    assert [s for s, _ in losses] == [2, 4, 5] and [s for s, _ in curve(a, "eval/loss")] == [2, 4, 5]
+    assert losses[-1][1] == m["train_loss"]
+    # same inputs, same machine: the same losses and adapter, bit for bit
+    assert curve(roots[1], "train/loss") == losses and metrics[1]["eval_loss"] == m["eval_loss"]
+    assert sha256_tree(adapter) == sha256_tree(roots[1] / "models/adapter")  # byte-identical: one DVC hash
+
+
+def test_padded_batches_when_packing_is_off(tmp_path, tiny, seqs):
+    root = project(tmp_path, tiny, seqs, packed=False)
+    m = train(params_with(quant={"load_in_4bit": False}, train=FAST), root)
+    assert m["steps"] == 15  # 60 rows of one sequence each, 2 rows x 2 micro-batches per step
+    assert m["attn_implementation"] == "sdpa"
+    # one epoch: every token once, the padding of each micro-batch not counted
+    assert m["tokens_seen"] == sum(len(ids) for ids, _ in seqs[:60])
+    assert m["supervised_tokens_seen"] == supervised(seqs[:60])
+
+
+def test_non_finite_loss_stops_before_any_output(tmp_path, tiny, seqs, monkeypatch):
+    def poisoned(*args, **kwargs):
+        model = load(*args, **kwargs)
+        head = model.get_output_embeddings()
+        head.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+        return model
+
+    load = run_module.load_trainable
+    monkeypatch.setattr(run_module, "load_trainable", poisoned)
+    root = project(tmp_path, tiny, seqs)
+    with pytest.raises(TrainingStopped, match=r"non-finite loss .* at optimizer step 1; stopped before"):
+        train(params_with(quant={"load_in_4bit": False}, train=FAST), root)
+    assert not (root / "models/adapter").exists() and not (root / "metrics/train.json").exists()
+
+
+def test_loss_watchdog_stops_after_patience_logs_above_threshold(tmp_path, tiny, seqs):
+    root = project(tmp_path, tiny, seqs)
+    params = params_with(quant={"load_in_4bit": False},
+                         train={**FAST, "loss_watchdog_threshold": 1.0, "loss_watchdog_patience": 2})
+    with pytest.raises(TrainingStopped, match=r"above train.loss_watchdog_threshold=1 for 2 consecutive "
+                                              r"logs \(8\.\d+, 8\.\d+\) up to step 4"):
+        train(params, root)
+    assert not (root / "models/adapter").exists()
+
+
+@pytest.mark.parametrize("ratio, steps, expected", [(0.05, None, 1), (1.0, None, 10), (None, 3, 3), (None, None, 0)])
+def test_warmup_from_ratio_or_steps(ratio, steps, expected):
+    cfg = dataclasses.replace(PARAMS.train, warmup_ratio=ratio, warmup_steps=steps)
+    args = run_module.training_arguments(cfg, run_module.capabilities(PARAMS), Path("unused"), False, True)
+    assert args.get_warmup_steps(10) == expected
+
+
+@pytest.mark.parametrize("optimizer, kind", [("adamw_torch", ("torch", 32, False)),
+                                             ("adamw_bnb_8bit", ("bitsandbytes", 8, False)),
+                                             ("paged_adamw_8bit", ("bitsandbytes", 8, True))])
+def test_optimizer_choice(tmp_path, tiny, seqs, optimizer, kind):
+    root = project(tmp_path, tiny, seqs)
+    params = params_with(quant={"load_in_4bit": False}, train={**FAST, "optimizer": optimizer})
+    caps = run_module.capabilities(params)
+    model = run_module.load_trainable(root / "models/base", params.quant, params.lora, params.train, caps, "sdpa")
+    args = run_module.training_arguments(params.train, caps, tmp_path / "ckpt", False, True)
+    rows = run_module.PackedRows(root / "data/packed", "train")
+    trainer = run_module._trainer(model, args, rows, None, True, params.train, "fp", root)
+    opt = trainer.create_optimizer()
+    bnb_args = getattr(opt, "args", None)
+    got = (type(opt).__module__.split(".")[0], getattr(bnb_args, "optim_bits", 32), getattr(opt, "is_paged", False))
+    assert got == kind
+
+
+def test_loss_watchdog_needs_consecutive_logs_and_survives_a_resume():
+    from types import SimpleNamespace
+
+    from reprotune.train.callbacks import LossWatchdog
+
+    dog, state = LossWatchdog(threshold=12.0, patience=3), SimpleNamespace(global_step=0)
+    for loss in (13.0, 12.5, 11.0, 13.0, 14.0):  # the dip below 12 restarts the count
+        state.global_step += 1
+        dog.on_log(None, state, None, logs={"loss": loss})
+    dog.on_log(None, state, None, logs={"eval_loss": 20.0})  # only training losses count
+    restored = LossWatchdog.from_state(dog.state())  # as restored from a checkpoint
+    with pytest.raises(TrainingStopped, match=r"3 consecutive logs \(13, 14, 15\) up to step 5"):
+        restored.on_log(None, state, None, logs={"loss": 15.0})
