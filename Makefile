@@ -43,5 +43,10 @@ test-all: setup
 bench: setup
 	$(OFFLINE) $(BIN)/python benchmarks/run.py
 
+# On a CUDA machine (never in CI): train on a random ~1.1B Llama in bf16; prints tokens/s and peak memory.
+gpu-check:
+	test -x $(BIN)/python || $(MAKE) setup-gpu
+	$(OFFLINE) $(BIN)/python benchmarks/gpu_check.py
+
 clean:
-	rm -rf models/base models/adapter models/merged models/export data/validated data/packed metrics dvclive
+	rm -rf models/base models/adapter models/merged models/export data/validated data/packed metrics dvclive checkpoints
