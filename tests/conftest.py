@@ -29,6 +29,16 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The built-in tiny model, built once per test session; tests only read it."""
+    from reprotune.model.builtin import build_tiny_llama
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(out)
+    return out
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     return copy_repo(tmp_path / "repo")

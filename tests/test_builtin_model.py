@@ -27,10 +27,8 @@ SAMPLE = "### Instruction:\nAdd 12 and 30.\n\n### Response:\n42"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    build_tiny_llama(out)
-    return out
+def tiny(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

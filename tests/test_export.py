@@ -27,7 +27,6 @@ from reprotune.export.card import SECTIONS, scrub
 from reprotune.export.gguf import write_gguf
 from reprotune.export.manifest import ManifestError, verify_manifest
 from reprotune.io import sha256_file, sha256_tree
-from reprotune.model.builtin import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_" + "Ab3" * 10
@@ -36,10 +35,8 @@ PROVENANCE = {"source": "hub", "model": "org/tiny-llama", "revision": "main",
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("merged")
-    build_tiny_llama(out)
-    return out
+def merged(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

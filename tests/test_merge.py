@@ -17,7 +17,6 @@ from safetensors import safe_open
 
 from reprotune.io import sha256_tree
 from reprotune.merge import merge, merge_and_verify, plan_shards, read_adapter, resolve_dtype
-from reprotune.model.builtin import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 DECLARED = ("merge.dtype", "merge.verify_sequences", "export.max_shard_size", "base.trust_remote_code")  # dvc.yaml
@@ -56,10 +55,8 @@ def write_packed(root: Path, rows: list[list[tuple[list[int], list[int]]]]) -> P
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base")
-    build_tiny_llama(out)
-    return out
+def base(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

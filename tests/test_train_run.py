@@ -12,7 +12,6 @@ import pytest
 
 from reprotune.config import load_params
 from reprotune.io import sha256_tree
-from reprotune.model.builtin import build_tiny_llama
 from reprotune.train import run as run_module
 from reprotune.train import synthetic
 from reprotune.train.errors import TrainingStopped
@@ -32,10 +31,8 @@ def params_with(**sections: dict):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    build_tiny_llama(out)
-    return out
+def tiny(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

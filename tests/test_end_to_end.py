@@ -1,0 +1,114 @@
+"""The whole pipeline under `dvc repro` in a temporary copy of the repo, run once for this module:
+every stage runs offline on the built-in model and the sample data, the exported model loads and
+generates, and a shared DVC remote lets other clones restore everything without running a stage."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import copy_repo
+from reprotune.io import sha256_tree
+
+BIN = Path(sys.executable).parent
+
+
+def dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def outputs(repo: Path) -> dict[str, str]:
+    hashes = {}
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for out in stage.get("outs", []):
+            path = repo / (out if isinstance(out, str) else next(iter(out)))
+            hashes |= {f"{path.name}/{k}": v for k, v in sha256_tree(path.parent).items() if k.startswith(path.name)}
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A clone that ran the full pipeline and pushed its results and run cache to a local remote."""
+    root = tmp_path_factory.mktemp("e2e")
+    repo = copy_repo(root / "first")
+    dvc(repo, "remote", "add", "-d", "shared", str(root / "remote"))
+    log = dvc(repo, "repro")
+    dvc(repo, "push", "--run-cache")
+    return repo, root / "remote", log
+
+
+def test_every_stage_runs_and_a_rerun_is_a_no_op(pipeline):
+    repo, _, log = pipeline
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]:
+        assert f"Running stage '{stage}'" in log
+    assert "Data and pipelines are up to date" in dvc(repo, "repro")
+
+
+def test_tuned_model_beats_the_base_and_metrics_are_complete(pipeline):
+    repo, _, _ = pipeline
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert evaluate["tuned"]["loss"] < evaluate["base"]["loss"]
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["eval_loss"] is not None and train["steps"] > 0
+    validate = json.loads((repo / "metrics/validate.json").read_text())
+    assert validate["read"] == validate["kept"] + validate["rejected"] + validate["duplicates"]
+    assert (repo / "dvclive/plots/metrics").is_dir()
+
+
+def test_export_loads_and_generates(pipeline):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reprotune.export.manifest import verify_manifest
+
+    folder = pipeline[0] / "models/export"
+    verify_manifest(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    assert isinstance(tokenizer.decode(out[0, prompt["input_ids"].shape[1]:]), str)
+
+
+def test_second_clone_restores_everything_from_the_shared_remote(pipeline, tmp_path):
+    first, remote, _ = pipeline
+
+    # A teammate's clone with the committed dvc.lock: pull, and repro has nothing to run.
+    second = copy_repo(tmp_path / "second")
+    (second / "dvc.lock").write_bytes((first / "dvc.lock").read_bytes())
+    dvc(second, "remote", "add", "-d", "shared", str(remote))
+    dvc(second, "pull", "--run-cache")
+    log = dvc(second, "repro")
+    assert "Running stage" not in log, log
+    assert outputs(second) == outputs(first)
+
+    # A clone with no lock at all (a branch that never ran): the run cache alone restores every stage.
+    third = copy_repo(tmp_path / "third")
+    dvc(third, "remote", "add", "-d", "shared", str(remote))
+    dvc(third, "pull", "--run-cache", "--allow-missing")
+    log = dvc(third, "repro", "--pull")
+    assert "Running stage" not in log and "is cached - skipping run" in log, log
+    assert outputs(third) == outputs(first)
+
+
+def test_deterministic_outputs_let_later_stages_come_from_the_cache(pipeline, tmp_path):
+    """A clone that runs the first stages itself gets byte-identical outputs, so every later stage's
+    deps match the shared run cache and they are restored, not rerun."""
+    first, remote, _ = pipeline
+    clone = copy_repo(tmp_path / "clone")
+    dvc(clone, "remote", "add", "-d", "shared", str(remote))
+    assert "Running stage 'tokenize'" in dvc(clone, "repro", "--no-run-cache", "tokenize")
+    dvc(clone, "pull", "--run-cache", "--allow-missing")
+    log = dvc(clone, "repro", "--pull")
+    assert "Running stage" not in log, log
+    assert outputs(clone) == outputs(first)
