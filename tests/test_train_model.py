@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reprotune.errors import BadInput
 from reprotune.config import load_params
 from reprotune.hardware import resolve
 from reprotune.model.builtin import build_tiny_llama
@@ -72,7 +73,7 @@ def test_explicit_targets_rsLoRA_DoRA_and_modules_to_save(tiny):
 ])
 def test_a_name_that_matches_no_module_is_an_error_naming_it(tiny, key, lora):
     bad = (lora.get("target_modules") or lora["modules_to_save"])[-1]
-    with pytest.raises(ValueError, match=rf"{key}: '{bad}' matches no module.*q_proj"):
+    with pytest.raises(BadInput, match=rf"{key}: '{bad}' matches no module.*q_proj"):  # exit 2
         build(tiny, quant={"load_in_4bit": False}, lora=lora)
 
 

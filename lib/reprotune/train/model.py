@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from reprotune.errors import BadInput
 from reprotune.hardware import DTYPE_NAMES, Capabilities
 
 STORAGE_DTYPES = {"auto": "uint8", "uint8": "uint8", **DTYPE_NAMES}
@@ -100,10 +101,14 @@ def linear_leaf_names(model, exclude: str) -> list[str]:
     return sorted(names)
 
 
+class UnknownModule(BadInput, ValueError):
+    """A lora.target_modules / modules_to_save entry names no module: bad params, the stage exits 2."""
+
+
 def check_names(model, entries: list[str], key: str) -> None:
     """Every entry must name a module, fully or as a dotted suffix (peft's matching rule)."""
     names = [name for name, _ in model.named_modules()]
     for entry in entries:
         if not any(name == entry or name.endswith("." + entry) for name in names):
-            raise ValueError(f"{key}: {entry!r} matches no module of the base model "
-                             f"(linear layers: {', '.join(linear_leaf_names(model, output_head_name(model)))})")
+            raise UnknownModule(f"{key}: {entry!r} matches no module of the base model "
+                                f"(linear layers: {', '.join(linear_leaf_names(model, output_head_name(model)))})")
