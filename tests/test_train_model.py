@@ -36,7 +36,7 @@ def build(tiny: Path, quant: dict | None = None, lora: dict | None = None):
 def test_qlora_base_is_4bit_nf4_double_quant_with_adapters_on_every_linear_but_the_head(tiny):
     import bitsandbytes as bnb
 
-    model = build(tiny)
+    model = build(tiny, lora={"modules_to_save": ()})  # the params.yaml demo also trains embed/head
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
     state = q_proj.base_layer.weight.quant_state

@@ -173,7 +173,8 @@ def test_launcher_choice(monkeypatch):
 
 
 def test_two_process_ddp_on_cpu_trains_an_adapter(tmp_path, tiny):
-    root = project(tmp_path / "p", tiny, train={**RESUMABLE, "max_steps": -1, "launcher": "accelerate"})
+    one_epoch = {**RESUMABLE, "max_steps": -1, "num_epochs": 1, "launcher": "accelerate"}
+    root = project(tmp_path / "p", tiny, train=one_epoch)
     result = stage(root, env={**ENV, "REPROTUNE_NUM_PROCESSES": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((root / "metrics/train.json").read_text())
