@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,31 @@ def test_deterministic_outputs_let_later_stages_come_from_the_cache(pipeline, tm
     log = dvc(clone, "repro", "--pull")
     assert "Running stage" not in log, log
     assert outputs(clone) == outputs(first)
+
+
+def test_a_queued_sweep_reruns_only_train_onwards_and_shows_in_exp_show(pipeline):
+    """`dvc exp run --queue -S ...` twice, `dvc queue start`, `dvc exp show`: the README's sweep, shortened
+    to 2 optimizer steps per experiment. Last in this module: it adds experiment refs to the first clone."""
+    repo, _, _ = pipeline
+    subprocess.run(["git", "add", "dvc.lock"], cwd=repo, check=True)  # the user commits the run's lock
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], cwd=repo, check=True)
+    for rank in (4, 8):
+        dvc(repo, "exp", "run", "--queue", "-S", f"lora.r={rank}", "-S", "train.max_steps=2")
+    dvc(repo, "queue", "start")
+    deadline = time.monotonic() + 900
+    while any(word in dvc(repo, "queue", "status") for word in ("Queued", "Running")):
+        assert time.monotonic() < deadline, dvc(repo, "queue", "status")
+        time.sleep(5)
+
+    ranks = {}
+    for entry in json.loads(dvc(repo, "exp", "show", "--json")):
+        for exp in entry.get("experiments") or []:
+            rev = exp["revs"][0]
+            assert exp["executor"]["state"] == "success", dvc(repo, "queue", "logs", rev["name"])
+            log = dvc(repo, "queue", "logs", rev["name"])
+            assert all(f"Stage '{s}' didn't change" in log for s in ("base", "validate", "tokenize")), log
+            assert all(f"Running stage '{s}'" in log for s in ("train", "merge", "evaluate", "export")), log
+            data = rev["data"]
+            tuned = data["metrics"]["metrics/evaluate.json"]["data"]["tuned"]
+            ranks[data["params"]["params.yaml"]["data"]["lora"]["r"]] = tuned["loss"]
+    assert sorted(ranks) == [4, 8] and all(loss > 0 for loss in ranks.values())
