@@ -2,7 +2,7 @@
 
 A random ~320M-parameter Llama (hidden 1024, 20 layers, vocab 32000) is written in bf16, sharded
 at 200 MB, with a rank-16 LoRA adapter on every linear layer. Each measurement runs in a fresh
-subprocess that reports its own peak RSS (getrusage ru_maxrss), so nothing of the parent counts:
+subprocess that reports its own peak RSS (VmHWM, which starts afresh at exec), so nothing of the parent counts:
 - idle:     the interpreter with torch, transformers, peft and reprotune imported (the floor);
 - stream:   reprotune's streaming merge alone (`merge`: tensors read, merged, written one by one);
 - stage:    the merge stage's work (`merge_and_verify`: PeftModel reference logits, merge, reload, compare);
@@ -98,11 +98,10 @@ def write_adapter(out: Path, seed: int = 1) -> int:
 
 def child(mode: str, base: str, adapter: str, out: str) -> None:
     """Run one measurement in this (fresh) process and print its figures as JSON."""
-    import resource
-
     import peft  # noqa: F401  (the import floor is the same in every mode)
     import transformers  # noqa: F401
 
+    from reprotune.hardware import peak_rss_bytes
     from reprotune.merge import merge, merge_and_verify
 
     t0 = time.perf_counter()
@@ -118,8 +117,7 @@ def child(mode: str, base: str, adapter: str, out: str) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
         PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out, max_shard_size="200MB")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({**result, "peak_rss": peak, "seconds": time.perf_counter() - t0}))
+    print(json.dumps({**result, "peak_rss": peak_rss_bytes(), "seconds": time.perf_counter() - t0}))
 
 
 def measure(mode: str, base: Path, adapter: Path, work: Path) -> dict:

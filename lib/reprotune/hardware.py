@@ -9,7 +9,9 @@ torch is imported inside the functions so that importing this module stays cheap
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -54,3 +56,18 @@ def resolve(bf16: str | bool, fp16: bool, attn: str, compute_dtype: str = "auto"
         device_name=torch.cuda.get_device_name() if cuda else "cpu",
         bf16=use_bf16, fp16=fp16, compute_dtype=DTYPE_NAMES[compute_dtype], attn_implementation=attn,
     )
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark. Linux: /proc/self/status VmHWM, which starts afresh at
+    exec; getrusage's ru_maxrss does not (it keeps the forking parent's resident set), so a stage started
+    from a large process would report the parent's size. Elsewhere: ru_maxrss (KiB on Linux, bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB there
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

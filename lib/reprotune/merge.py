@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from reprotune.export.tensors import natural_key, read_index, read_tensor, write_safetensors
-from reprotune.hardware import DTYPE_NAMES, cuda_supports_bf16
+from reprotune.hardware import DTYPE_NAMES, cuda_supports_bf16, peak_rss_bytes
 from reprotune.io import write_json
 
 log = logging.getLogger(__name__)
@@ -325,12 +325,6 @@ def verify(merged_dir: Path, reference: list[torch.Tensor], noise_floor: float, 
     return result
 
 
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def merge_and_verify(base_dir: Path, adapter_dir: Path, packed_dir: Path, out_dir: Path, dtype_name: str,
                      verify_sequences: int, max_shard_size: str, trust_remote_code: bool = False) -> dict:
     """Merge into the empty `out_dir` and verify it; returns the metrics of metrics/merge.json."""
@@ -345,4 +339,4 @@ def merge_and_verify(base_dir: Path, adapter_dir: Path, packed_dir: Path, out_di
              counts["merged_tensors"], counts["shards"], dtype, check["max_abs_diff"], check["tolerance"])
     return {**counts, **check, "dtype": str(dtype).removeprefix("torch."),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "peak_rss_mb": round(peak_rss_mb(), 1), "seconds": round(time.perf_counter() - start, 3)}
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "seconds": round(time.perf_counter() - start, 3)}

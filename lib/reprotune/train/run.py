@@ -10,13 +10,12 @@ import dataclasses
 import json
 import logging
 import math
-import resource
 import shutil
 from pathlib import Path
 from typing import Any
 
 from reprotune.config.sections import SECTION_TYPES
-from reprotune.hardware import Capabilities, resolve
+from reprotune.hardware import Capabilities, peak_rss_bytes, resolve
 from reprotune.io import atomic_dir, write_json
 from reprotune.train import attention
 from reprotune.train.batches import PackedRows, PaddedCollator, collate_padding_free, read_manifest, split_files
@@ -173,9 +172,7 @@ def peak_memory(caps: Capabilities) -> dict:
         import torch
 
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated(), "peak_memory_kind": "cuda_allocated"}
-    # ru_maxrss is in KiB on Linux: the process's resident-set high-water mark
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "peak_memory_kind": "rss"}
+    return {"peak_memory_bytes": peak_rss_bytes(), "peak_memory_kind": "rss"}
 
 
 def _save_adapter(model, root: Path, config: dict) -> None:
