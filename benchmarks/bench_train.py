@@ -42,6 +42,7 @@ except ImportError:  # running from a checkout without an install: use lib/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from reprotune.config import load_params
+from reprotune.hardware import peak_rss_bytes, proc_status_bytes
 from reprotune.model.builtin import VOCAB_SIZE, build_tiny_llama
 from reprotune.train import synthetic
 from reprotune.train.run import train
@@ -145,35 +146,27 @@ def memory_child(variant: str, base: Path, root: Path) -> dict:
     load = run_module.load_trainable
 
     def load_then_reset_peak(*args, **kwargs):
-        figures["before_load"] = status("VmRSS")
+        figures["before_load"] = proc_status_bytes("VmRSS")
         model = load(*args, **kwargs)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the resident-set high-water mark
-        figures["after_load"] = status("VmRSS")
+        figures["after_load"] = proc_status_bytes("VmRSS")
         return model
 
     run_module.load_trainable = load_then_reset_peak  # the stage's own code path, with a probe
     train(params, root)
-    figures["peak_during_training"] = status("VmHWM")
+    figures["peak_during_training"] = peak_rss_bytes()
     figures["train_bytes"] = figures["peak_during_training"] - figures["before_load"]
     return figures
 
 
 def warm_up(params, seqs, scratch: Path) -> None:
     """The same run on the 5M-parameter built-in model first, so that every library the run imports or
-    initialises lazily (~100 MiB of code and caches, the same in both variants) is in the baseline."""
+    initialises lazily (the same in both variants) is in the baseline."""
     tiny = scratch / "tiny"
     tiny.mkdir(parents=True)
     build_tiny_llama(tiny)
     train(params, project(scratch / "run", tiny, seqs, MEMORY_SEQUENCE_LEN, packed=True))
-
-
-def status(field: str) -> int:
-    """A /proc/self/status figure (kB there) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def run(n_sequences: int = 240, sequence_len: int = 512, repeats: int = 2) -> dict:

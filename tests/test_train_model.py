@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reprotune.errors import BadInput
 from reprotune.config import load_params
+from reprotune.errors import BadInput
 from reprotune.hardware import resolve
 from reprotune.model.builtin import build_tiny_llama
 from reprotune.train.model import load_trainable

@@ -58,15 +58,25 @@ def resolve(bf16: str | bool, fp16: bool, attn: str, compute_dtype: str = "auto"
     )
 
 
-def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark. Linux: /proc/self/status VmHWM, which starts afresh at
-    exec; getrusage's ru_maxrss does not (it keeps the forking parent's resident set), so a stage started
-    from a large process would report the parent's size. Elsewhere: ru_maxrss (KiB on Linux, bytes on macOS)."""
+def proc_status_bytes(field: str) -> int | None:
+    """A memory figure of this process from Linux's /proc/self/status (VmRSS, VmHWM, ...) in bytes;
+    None where there is no /proc."""
     status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB there
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB there
+    raise KeyError(field)
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark. Linux: VmHWM, which starts afresh at exec; getrusage's
+    ru_maxrss does not (it keeps the forking parent's resident set), so a stage started from a large
+    process would report the parent's size. Elsewhere: ru_maxrss (KiB on Linux, bytes on macOS)."""
+    peak = proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     scale = 1 if sys.platform == "darwin" else 1024

@@ -101,14 +101,11 @@ def linear_leaf_names(model, exclude: str) -> list[str]:
     return sorted(names)
 
 
-class UnknownModule(BadInput, ValueError):
-    """A lora.target_modules / modules_to_save entry names no module: bad params, the stage exits 2."""
-
-
 def check_names(model, entries: list[str], key: str) -> None:
-    """Every entry must name a module, fully or as a dotted suffix (peft's matching rule)."""
+    """Every entry must name a module, fully or as a dotted suffix (peft's matching rule); a miss is bad
+    params (exit 2), found only once the model is loaded."""
     names = [name for name, _ in model.named_modules()]
     for entry in entries:
         if not any(name == entry or name.endswith("." + entry) for name in names):
-            raise UnknownModule(f"{key}: {entry!r} matches no module of the base model "
-                                f"(linear layers: {', '.join(linear_leaf_names(model, output_head_name(model)))})")
+            raise BadInput(f"{key}: {entry!r} matches no module of the base model "
+                           f"(linear layers: {', '.join(linear_leaf_names(model, output_head_name(model)))})")
