@@ -44,9 +44,13 @@ def shapes(a: dict) -> dict[str, tuple[int, ...]]:
     out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
     for i in range(a["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                p + "mlp.down_proj.weight": (h, f)}
+        out |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
         out |= {p + f"self_attn.{n}_proj.weight": (h, h) for n in "qkvo"}
     return out
 
@@ -67,13 +71,24 @@ def write_base(out: Path, seed: int = 0) -> int:
     weight_map = {}
     for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = ((torch.ones(sh[n]) if len(sh[n]) == 1 else torch.randn(sh[n], generator=gen) * 0.02)
-                   .to(torch.bfloat16) for n in names)
+        tensors = (
+            (torch.ones(sh[n]) if len(sh[n]) == 1 else torch.randn(sh[n], generator=gen) * 0.02).to(torch.bfloat16)
+            for n in names
+        )
         write_safetensors(out / file, [(n, torch.bfloat16, sh[n]) for n in names], tensors)
         weight_map |= {n: file for n in names}
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": 0}, "weight_map": weight_map})
-    write_json(out / "config.json", {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "bfloat16",
-                                     "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, **ARCH})
+    write_json(
+        out / "config.json",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "dtype": "bfloat16",
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            **ARCH,
+        },
+    )
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
@@ -123,8 +138,12 @@ def child(mode: str, base: str, adapter: str, out: str) -> None:
 def measure(mode: str, base: Path, adapter: Path, work: Path) -> dict:
     out = work / f"out-{mode}"
     out.mkdir()
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(base), str(adapter), str(out)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(base), str(adapter), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -137,9 +156,13 @@ def run() -> dict:
         adapter.mkdir()
         t0 = time.perf_counter()
         disk, adapter_bytes = write_base(base), write_adapter(adapter)
-        figures = {"params": sum(math.prod(s) for s in shapes(ARCH).values()), "disk_bytes": disk,
-                   "adapter_bytes": adapter_bytes, "write_s": time.perf_counter() - t0,
-                   "shards": len(list(base.glob("*.safetensors")))}
+        figures = {
+            "params": sum(math.prod(s) for s in shapes(ARCH).values()),
+            "disk_bytes": disk,
+            "adapter_bytes": adapter_bytes,
+            "write_s": time.perf_counter() - t0,
+            "shards": len(list(base.glob("*.safetensors"))),
+        }
         for mode in ("idle", "stream", "stage", "naive"):
             r = measure(mode, base, adapter, work)
             figures |= {f"{mode}_peak_rss": r["peak_rss"], f"{mode}_s": r["seconds"]}
@@ -155,19 +178,29 @@ def run() -> dict:
 def main() -> None:
     r = run()
     gb = 1e9
-    print(f"merge memory benchmark: random Llama, {r['params'] / 1e6:.0f}M params, bf16, "
-          f"{r['disk_bytes'] / gb:.2f} GB on disk in {r['shards']} shards; adapter r={RANK}, "
-          f"{r['adapter_bytes'] / 1e6:.1f} MB")
+    print(
+        f"merge memory benchmark: random Llama, {r['params'] / 1e6:.0f}M params, bf16, "
+        f"{r['disk_bytes'] / gb:.2f} GB on disk in {r['shards']} shards; adapter r={RANK}, "
+        f"{r['adapter_bytes'] / 1e6:.1f} MB"
+    )
     print(f"  idle (imports only)      : peak RSS {r['idle_peak_rss'] / gb:.2f} GB")
-    for mode, label in (("stream", "streaming merge"), ("stage", "stage: merge + verify"),
-                        ("naive", "PeftModel merge_and_unload")):
-        print(f"  {label:<25}: peak RSS {r[f'{mode}_peak_rss'] / gb:.2f} GB = {r[f'{mode}_ratio']:.2f} x disk "
-              f"({r[f'{mode}_above_idle_ratio']:.2f} x above idle), {r[f'{mode}_s']:.1f} s")
-    print(f"  bf16 verification: max |logit delta| {r['stage_max_abs_diff']:.3g}, peft's own merge "
-          f"{r['stage_noise_floor']:.3g}, tolerance {r['stage_tolerance']:.3g} "
-          f"(logit scale {r['stage_logit_scale']:.3g})")
-    print(f"target: streaming merge above idle < {TARGET_STREAM_RATIO} x disk -> "
-          f"{'PASS' if r['pass_stream'] else 'FAIL'}")
+    for mode, label in (
+        ("stream", "streaming merge"),
+        ("stage", "stage: merge + verify"),
+        ("naive", "PeftModel merge_and_unload"),
+    ):
+        print(
+            f"  {label:<25}: peak RSS {r[f'{mode}_peak_rss'] / gb:.2f} GB = {r[f'{mode}_ratio']:.2f} x disk "
+            f"({r[f'{mode}_above_idle_ratio']:.2f} x above idle), {r[f'{mode}_s']:.1f} s"
+        )
+    print(
+        f"  bf16 verification: max |logit delta| {r['stage_max_abs_diff']:.3g}, peft's own merge "
+        f"{r['stage_noise_floor']:.3g}, tolerance {r['stage_tolerance']:.3g} "
+        f"(logit scale {r['stage_logit_scale']:.3g})"
+    )
+    print(
+        f"target: streaming merge above idle < {TARGET_STREAM_RATIO} x disk -> {'PASS' if r['pass_stream'] else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,7 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def run(n_small: int = 20000, n_large: int = 1_000_000, capacity: int = 2048,
-        seed: int = 0) -> dict:
+def run(n_small: int = 20000, n_large: int = 1_000_000, capacity: int = 2048, seed: int = 0) -> dict:
     """Measure both packers; returns a flat dict of figures (times in seconds)."""
     small = synthetic_lengths(n_small, seed, capacity)
     total = int(small.sum())
@@ -84,17 +83,27 @@ def run(n_small: int = 20000, n_large: int = 1_000_000, capacity: int = 2048,
 def main() -> None:
     r = run()
     ok = {True: "PASS", False: "FAIL"}
-    print(f"packing benchmark: capacity {r['capacity']}, seed {r['seed']}, "
-          f"lognormal lengths clipped to [8, {r['capacity']}]")
-    print(f"{r['n_small']} sequences, mean {r['mean_length']:.1f} tokens, "
-          f"{r['total_tokens']} tokens, lower bound {r['lower_bound_bins']} bins")
-    print(f"  BFD (ours)            : {r['bfd_efficiency']:.4%} efficiency, "
-          f"{r['bfd_bins']} bins, {r['bfd_time_s'] * 1e3:.1f} ms")
-    print(f"  first-fit, random ord.: {r['ff_random_efficiency']:.4%} efficiency, "
-          f"{r['ff_random_bins']} bins, {r['ff_random_time_s'] * 1e3:.1f} ms")
-    print(f"{r['n_large']} sequences, BFD: {r['bfd_large_time_s']:.3f} s, "
-          f"{r['bfd_large_efficiency']:.4%} efficiency, {r['bfd_large_bins']} bins "
-          f"(lower bound {r['bfd_large_lower_bound_bins']})")
+    print(
+        f"packing benchmark: capacity {r['capacity']}, seed {r['seed']}, "
+        f"lognormal lengths clipped to [8, {r['capacity']}]"
+    )
+    print(
+        f"{r['n_small']} sequences, mean {r['mean_length']:.1f} tokens, "
+        f"{r['total_tokens']} tokens, lower bound {r['lower_bound_bins']} bins"
+    )
+    print(
+        f"  BFD (ours)            : {r['bfd_efficiency']:.4%} efficiency, "
+        f"{r['bfd_bins']} bins, {r['bfd_time_s'] * 1e3:.1f} ms"
+    )
+    print(
+        f"  first-fit, random ord.: {r['ff_random_efficiency']:.4%} efficiency, "
+        f"{r['ff_random_bins']} bins, {r['ff_random_time_s'] * 1e3:.1f} ms"
+    )
+    print(
+        f"{r['n_large']} sequences, BFD: {r['bfd_large_time_s']:.3f} s, "
+        f"{r['bfd_large_efficiency']:.4%} efficiency, {r['bfd_large_bins']} bins "
+        f"(lower bound {r['bfd_large_lower_bound_bins']})"
+    )
     print(f"target: efficiency >= {TARGET_EFFICIENCY:.1%} -> {ok[r['pass_efficiency']]}")
     print(f"target: 1M lengths < {TARGET_LARGE_S:g} s -> {ok[r['pass_large_time']]}")
 

@@ -65,7 +65,7 @@ def run() -> dict:
         trap = tmp / "trap"
         trap.mkdir()
         started = tmp / "started.log"
-        (trap / "python").write_text(f"#!/bin/sh\necho \"$@\" >> {started}\nexit 1\n")
+        (trap / "python").write_text(f'#!/bin/sh\necho "$@" >> {started}\nexit 1\n')
         (trap / "python").chmod(0o755)
         env = {**os.environ, "PATH": f"{trap}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
         dvc = str(BIN / "dvc")
@@ -73,8 +73,14 @@ def run() -> dict:
         bare_repo = trivial_pipeline(tmp / "bare", n_stages)
         bare = statistics.median(timed([dvc, "repro"], bare_repo, env) for _ in range(REPEATS))
         scripts_started = started.read_text().splitlines() if started.exists() else []
-    return {"check_s": check_seconds(), "stages": n_stages, "noop_repro_s": ours, "bare_dvc_noop_s": bare,
-            "noop_ratio": ours / bare, "stage_scripts_started": scripts_started}
+    return {
+        "check_s": check_seconds(),
+        "stages": n_stages,
+        "noop_repro_s": ours,
+        "bare_dvc_noop_s": bare,
+        "noop_ratio": ours / bare,
+        "stage_scripts_started": scripts_started,
+    }
 
 
 def main() -> None:
@@ -82,10 +88,13 @@ def main() -> None:
     ok = {True: "PASS", False: "FAIL"}
     print(f"reprotune check: {r['check_s']:.2f} s (median of {REPEATS})")
     print(f"target: check < {TARGET_CHECK_S:g} s -> {ok[r['check_s'] < TARGET_CHECK_S]}")
-    print(f"no-op dvc repro, {r['stages']} stages: {r['noop_repro_s']:.2f} s; bare DVC, {r['stages']} trivial "
-          f"stages: {r['bare_dvc_noop_s']:.2f} s; ratio {r['noop_ratio']:.2f}x")
-    print(f"stage scripts started on the no-op: {len(r['stage_scripts_started'])} -> "
-          f"{ok[not r['stage_scripts_started']]}")
+    print(
+        f"no-op dvc repro, {r['stages']} stages: {r['noop_repro_s']:.2f} s; bare DVC, {r['stages']} trivial "
+        f"stages: {r['bare_dvc_noop_s']:.2f} s; ratio {r['noop_ratio']:.2f}x"
+    )
+    print(
+        f"stage scripts started on the no-op: {len(r['stage_scripts_started'])} -> {ok[not r['stage_scripts_started']]}"
+    )
 
 
 if __name__ == "__main__":

@@ -54,15 +54,26 @@ def synthetic_records(n: int, seed: int, mean_tokens: float = 200.0, max_tokens:
         start = int(rng.integers(0, len(words) - n_words))
         cut = [start, start + n_instr, start + n_instr + n_input, start + n_words]
         instruction, input_, output = (" ".join(words[a:b]) for a, b in zip(cut, cut[1:]))
-        records.append({
-            "id": f"{i:032x}", "source": "bench.jsonl", "line": i + 1, "type": "alpaca", "system": None,
-            "instruction": instruction, "input": input_, "output": output, "messages": None, "text": None,
-        })
+        records.append(
+            {
+                "id": f"{i:032x}",
+                "source": "bench.jsonl",
+                "line": i + 1,
+                "type": "alpaca",
+                "system": None,
+                "instruction": instruction,
+                "input": input_,
+                "output": output,
+                "messages": None,
+                "text": None,
+            }
+        )
     return records
 
 
-def run(n_records: int = 20000, sequence_len: int = 2048, num_proc: int = 2, batch_size: int = 1000,
-        seed: int = 0) -> dict:
+def run(
+    n_records: int = 20000, sequence_len: int = 2048, num_proc: int = 2, batch_size: int = 1000, seed: int = 0
+) -> dict:
     """Time the stage and bare tokenization; returns a flat dict of figures (times in seconds)."""
     from transformers import AutoTokenizer
 
@@ -77,8 +88,7 @@ def run(n_records: int = 20000, sequence_len: int = 2048, num_proc: int = 2, bat
         (tmp / "model").mkdir()
         build_tiny_llama(tmp / "model")
         tokenizer = AutoTokenizer.from_pretrained(tmp / "model")
-        pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), tmp / "records.parquet",
-                       row_group_size=10_000)
+        pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), tmp / "records.parquet", row_group_size=10_000)
         texts = [alpaca_prompt(r["system"], r["instruction"], r["input"]) + r["output"] for r in records]
 
         t_bare = float("inf")
@@ -119,14 +129,22 @@ def run(n_records: int = 20000, sequence_len: int = 2048, num_proc: int = 2, bat
 def main() -> None:
     r = run()
     ok = {True: "PASS", False: "FAIL"}
-    print(f"tokenize benchmark: {r['n_records']} alpaca records, mean {r['mean_tokens']:.1f} tokens "
-          f"(max {r['max_tokens']}), sequence_len {r['sequence_len']}, num_proc {r['num_proc']}")
-    print(f"  stage (template+tokenize+mask+pack+write): {r['stage_tokens_per_s'] / 1e3:,.0f}k tokens/s "
-          f"({r['stage_tokens']} tokens, {r['stage_time_s']:.2f} s)")
-    print(f"  bare batch tokenization                  : {r['bare_tokens_per_s'] / 1e3:,.0f}k tokens/s "
-          f"({r['bare_tokens']} tokens, {r['bare_time_s']:.2f} s)")
-    print(f"  ratio {r['ratio']:.2f}; packing {r['packing_efficiency']:.4%} efficiency, {r['bins']} bins "
-          f"(lower bound {r['lower_bound_bins']}), {r['supervised_tokens']} supervised tokens")
+    print(
+        f"tokenize benchmark: {r['n_records']} alpaca records, mean {r['mean_tokens']:.1f} tokens "
+        f"(max {r['max_tokens']}), sequence_len {r['sequence_len']}, num_proc {r['num_proc']}"
+    )
+    print(
+        f"  stage (template+tokenize+mask+pack+write): {r['stage_tokens_per_s'] / 1e3:,.0f}k tokens/s "
+        f"({r['stage_tokens']} tokens, {r['stage_time_s']:.2f} s)"
+    )
+    print(
+        f"  bare batch tokenization                  : {r['bare_tokens_per_s'] / 1e3:,.0f}k tokens/s "
+        f"({r['bare_tokens']} tokens, {r['bare_time_s']:.2f} s)"
+    )
+    print(
+        f"  ratio {r['ratio']:.2f}; packing {r['packing_efficiency']:.4%} efficiency, {r['bins']} bins "
+        f"(lower bound {r['lower_bound_bins']}), {r['supervised_tokens']} supervised tokens"
+    )
     print(f"target: stage >= {TARGET_RATIO:.0%} of bare tokenizer throughput -> {ok[r['pass_ratio']]}")
 
 

@@ -50,8 +50,15 @@ from reprotune.train.run import train
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SPEEDUP = 2.0
 TARGET_MEMORY_RATIO = 0.45
-BIG_ARCH = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=22, num_attention_heads=16,
-                num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
+BIG_ARCH = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=22,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 MEMORY_SEQUENCE_LEN = 128
 # r=16 on a 7B (hidden 4096) is the practitioner default; scaled to hidden 1024 the adapter (and its
 # Adam state, the same in both variants) keeps the same share of the model: r = 16 * 1024 / 4096
@@ -64,8 +71,9 @@ def params_with(**sections: dict):
     fp32 copies with Adam state, the same bytes in both memory variants, which would hide the 4-bit saving.)"""
     sections = {**sections, "lora": {"modules_to_save": (), **sections.get("lora", {})}}
     params = load_params(REPO / "params.yaml")
-    return dataclasses.replace(params, **{s: dataclasses.replace(getattr(params, s), **kv)
-                                          for s, kv in sections.items()})
+    return dataclasses.replace(
+        params, **{s: dataclasses.replace(getattr(params, s), **kv) for s, kv in sections.items()}
+    )
 
 
 def project(root: Path, base: Path, seqs, sequence_len: int, packed: bool) -> Path:
@@ -89,8 +97,10 @@ def throughput(tmp: Path, n_sequences: int, sequence_len: int, repeats: int) -> 
     # a padded micro-batch takes as many sequences as a packed one holds on average
     padded_mbs = round(packed_mbs * n_sequences / rows)
     out = {"sequences_per_micro_batch": padded_mbs}
-    for name, root, mbs in (("packed", packed_root, packed_mbs),
-                            ("padded", project(tmp / "padded", base, seqs, sequence_len, packed=False), padded_mbs)):
+    for name, root, mbs in (
+        ("packed", packed_root, packed_mbs),
+        ("padded", project(tmp / "padded", base, seqs, sequence_len, packed=False), padded_mbs),
+    ):
         # best of `repeats`: other work on a shared machine only ever slows a run down
         runs = [train(params_with(train={**train_cfg, "micro_batch_size": mbs}), root) for _ in range(repeats)]
         m = max(runs, key=lambda r: r["supervised_tokens_per_second"])
@@ -136,10 +146,18 @@ def memory_child(variant: str, base: Path, root: Path) -> dict:
 
     # mean far above the cap: every length clips to MEMORY_SEQUENCE_LEN, one sequence per row
     seqs = synthetic.sequences(8, seed=0, vocab=VOCAB_SIZE, max_len=MEMORY_SEQUENCE_LEN, mean_len=10**4)
-    params = params_with(quant={"load_in_4bit": variant == "qlora"},
-                         lora={"r": MEMORY_LORA_R, "alpha": 2 * MEMORY_LORA_R},
-                         train={"bf16": True, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
-                                "max_steps": 2, "save_steps": 10**6, "launcher": "python"})
+    params = params_with(
+        quant={"load_in_4bit": variant == "qlora"},
+        lora={"r": MEMORY_LORA_R, "alpha": 2 * MEMORY_LORA_R},
+        train={
+            "bf16": True,
+            "micro_batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 2,
+            "save_steps": 10**6,
+            "launcher": "python",
+        },
+    )
     warm_up(params, seqs, root.parent / f"warm-{variant}")
     project(root, base, seqs, MEMORY_SEQUENCE_LEN, packed=True)
     figures = {}
@@ -185,19 +203,29 @@ def main() -> None:
     r = run()
     ok = {True: "PASS", False: "FAIL"}
     mib = 2**20
-    print(f"throughput, tiny model, one epoch of {r['supervised_tokens']} supervised tokens, "
-          f"~{r['sequences_per_micro_batch']} sequences per micro-batch:")
-    print(f"  packed (padding-free): {r['packed_supervised_tokens_per_s']:8.0f} supervised tokens/s, "
-          f"{r['packed_steps']} steps, {r['packed_seconds']:.1f} s")
-    print(f"  padded               : {r['padded_supervised_tokens_per_s']:8.0f} supervised tokens/s, "
-          f"{r['padded_steps']} steps, {r['padded_seconds']:.1f} s")
+    print(
+        f"throughput, tiny model, one epoch of {r['supervised_tokens']} supervised tokens, "
+        f"~{r['sequences_per_micro_batch']} sequences per micro-batch:"
+    )
+    print(
+        f"  packed (padding-free): {r['packed_supervised_tokens_per_s']:8.0f} supervised tokens/s, "
+        f"{r['packed_steps']} steps, {r['packed_seconds']:.1f} s"
+    )
+    print(
+        f"  padded               : {r['padded_supervised_tokens_per_s']:8.0f} supervised tokens/s, "
+        f"{r['padded_steps']} steps, {r['padded_seconds']:.1f} s"
+    )
     print(f"  speedup {r['speedup']:.2f}x; target >= {TARGET_SPEEDUP:g}x -> {ok[r['pass_speedup']]}")
-    print(f"memory, random Llama of {r['memory_model_params'] / 1e6:.0f}M params, bf16, 2 steps of "
-          f"{MEMORY_SEQUENCE_LEN} tokens (resident set during training above the pre-load baseline):")
+    print(
+        f"memory, random Llama of {r['memory_model_params'] / 1e6:.0f}M params, bf16, 2 steps of "
+        f"{MEMORY_SEQUENCE_LEN} tokens (resident set during training above the pre-load baseline):"
+    )
     for variant, label in (("qlora", "QLoRA, NF4 base"), ("lora16", "LoRA, bf16 base")):
-        print(f"  {label:16}: {r[f'{variant}_train_bytes'] / mib:7.0f} MiB "
-              f"(baseline {r[f'{variant}_before_load'] / mib:.0f} MiB, "
-              f"peak {r[f'{variant}_peak_during_training'] / mib:.0f} MiB)")
+        print(
+            f"  {label:16}: {r[f'{variant}_train_bytes'] / mib:7.0f} MiB "
+            f"(baseline {r[f'{variant}_before_load'] / mib:.0f} MiB, "
+            f"peak {r[f'{variant}_peak_during_training'] / mib:.0f} MiB)"
+        )
     print(f"  ratio {r['memory_ratio']:.3f}; target <= {TARGET_MEMORY_RATIO:g} -> {ok[r['pass_memory']]}")
 
 

@@ -31,9 +31,18 @@ from reprotune.config import load_params
 from reprotune.train import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-ARCH = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
-            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+ARCH = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 SEQUENCE_LEN = 2048
 STEPS = 20
 ISOLATION_TOLERANCE = 0.02  # nats; bf16 rounding differs between a packed row and a short one
@@ -68,8 +77,9 @@ def isolation(model_dir: Path) -> dict:
 
     caps = resolve("auto", False, "auto")
     attn = attention.effective(caps.attn_implementation, packed=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn,
-                                                 device_map={"": "cuda"}).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation=attn, device_map={"": "cuda"}
+    ).eval()
     seqs = synthetic.sequences(6, seed=1, vocab=ARCH["vocab_size"], max_len=400)
     rows = [{"input_ids": ids, "labels": labels, "seq_lens": np.array([len(ids)])} for ids, labels in seqs]
 
@@ -80,8 +90,8 @@ def isolation(model_dir: Path) -> dict:
         per_token = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="none")
         out, start = [], 0
         for n in lens:
-            keep = batch["labels"][0, start + 1:start + n] != -100
-            out.append(per_token[start:start + n - 1][keep].mean().item())
+            keep = batch["labels"][0, start + 1 : start + n] != -100
+            out.append(per_token[start : start + n - 1][keep].mean().item())
             start += n
         return out
 
@@ -104,9 +114,17 @@ def child(variant: str, model_dir: Path, data_dir: Path, root: Path) -> dict:
         params,
         quant=dataclasses.replace(params.quant, load_in_4bit=variant == "qlora"),
         lora=dataclasses.replace(params.lora, r=16, alpha=32),
-        train=dataclasses.replace(params.train, micro_batch_size=2, gradient_accumulation_steps=4, max_steps=STEPS,
-                                  learning_rate=2e-4, save_steps=10**6, logging_steps=5, launcher="python",
-                                  loss_watchdog_threshold=None),
+        train=dataclasses.replace(
+            params.train,
+            micro_batch_size=2,
+            gradient_accumulation_steps=4,
+            max_steps=STEPS,
+            learning_rate=2e-4,
+            save_steps=10**6,
+            logging_steps=5,
+            launcher="python",
+            loss_watchdog_threshold=None,
+        ),
     )
     return train(params, root)
 
@@ -118,8 +136,7 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device is visible; this check needs an NVIDIA GPU. Nothing was run.",
-              file=sys.stderr)
+        print("gpu_check: no CUDA device is visible; this check needs an NVIDIA GPU. Nothing was run.", file=sys.stderr)
         sys.exit(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -129,8 +146,15 @@ def main() -> None:
         torch.cuda.empty_cache()
         runs = {}
         for variant in ("qlora", "lora16"):
-            cmd = [sys.executable, __file__, "--child", variant, str(tmp / "model"), str(tmp / "packed"),
-                   str(tmp / variant)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                str(tmp / "model"),
+                str(tmp / "packed"),
+                str(tmp / variant),
+            ]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode:
                 print(f"gpu_check: the {variant} run failed:\n{result.stderr[-4000:]}", file=sys.stderr)
@@ -142,14 +166,18 @@ def main() -> None:
 def report(device: str, n_params: int, iso: dict, runs: dict) -> None:
     ok = {True: "PASS", False: "FAIL"}
     print(f"gpu_check on {device}: random Llama, {n_params / 1e9:.2f}B params, sequence_len {SEQUENCE_LEN}")
-    print(f"isolation ({iso['attn_implementation']}): max |packed - alone| loss {iso['max_gap']:.4f} nats; "
-          f"tolerance {ISOLATION_TOLERANCE} -> {ok[iso['max_gap'] <= ISOLATION_TOLERANCE]}")
+    print(
+        f"isolation ({iso['attn_implementation']}): max |packed - alone| loss {iso['max_gap']:.4f} nats; "
+        f"tolerance {ISOLATION_TOLERANCE} -> {ok[iso['max_gap'] <= ISOLATION_TOLERANCE]}"
+    )
     for variant, label in (("qlora", "QLoRA NF4 base "), ("lora16", "LoRA bf16 base ")):
         m = runs[variant]
-        print(f"  {label}: {m['tokens_seen'] / m['train_seconds']:9.0f} tokens/s, "
-              f"{m['supervised_tokens_per_second']:9.0f} supervised tokens/s, "
-              f"peak {m['peak_memory_bytes'] / 2**30:6.2f} GiB "
-              f"({m['compute_dtype']}, {m['attn_implementation']}, {m['steps']} steps, loss {m['train_loss']:.3f})")
+        print(
+            f"  {label}: {m['tokens_seen'] / m['train_seconds']:9.0f} tokens/s, "
+            f"{m['supervised_tokens_per_second']:9.0f} supervised tokens/s, "
+            f"peak {m['peak_memory_bytes'] / 2**30:6.2f} GiB "
+            f"({m['compute_dtype']}, {m['attn_implementation']}, {m['steps']} steps, loss {m['train_loss']:.3f})"
+        )
     ratio = runs["qlora"]["peak_memory_bytes"] / runs["lora16"]["peak_memory_bytes"]
     print(f"  memory ratio QLoRA / LoRA: {ratio:.2f}")
 

@@ -28,18 +28,50 @@ import os
 import random
 import string
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 N_ALPACA = 2000
 N_CHAT = 1000
 
 # A fixed, ordered vocabulary of short lowercase words (a tuple: iteration order is fixed).
 WORDS = (
-    "apple", "bird", "blue", "book", "cat", "cloud", "cold", "cup", "dog", "door",
-    "fish", "green", "hat", "house", "jump", "lamp", "leaf", "milk", "moon", "red",
-    "ring", "road", "run", "sand", "ship", "sing", "snow", "star", "stone", "sun",
-    "table", "tree", "warm", "water", "wind", "yellow",
+    "apple",
+    "bird",
+    "blue",
+    "book",
+    "cat",
+    "cloud",
+    "cold",
+    "cup",
+    "dog",
+    "door",
+    "fish",
+    "green",
+    "hat",
+    "house",
+    "jump",
+    "lamp",
+    "leaf",
+    "milk",
+    "moon",
+    "red",
+    "ring",
+    "road",
+    "run",
+    "sand",
+    "ship",
+    "sing",
+    "snow",
+    "star",
+    "stone",
+    "sun",
+    "table",
+    "tree",
+    "warm",
+    "water",
+    "wind",
+    "yellow",
 )
 
 SYSTEM_PROMPTS = (
@@ -245,8 +277,11 @@ def generate(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "sample"),
-                        help="output folder (default: data/sample next to this script)")
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "sample"),
+        help="output folder (default: data/sample next to this script)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
     for name, path in generate(args.out, args.seed).items():

@@ -13,8 +13,9 @@ OUT = Path("models/base")
 
 def main(params: Params) -> None:
     with atomic_dir(OUT) as tmp:
-        provenance = resolve_base(params.base.model, params.base.revision, tmp,
-                                  trust_remote_code=params.base.trust_remote_code)
+        provenance = resolve_base(
+            params.base.model, params.base.revision, tmp, trust_remote_code=params.base.trust_remote_code
+        )
     logging.info("base model %s (%s) ready in %s", provenance["model"], provenance["source"], OUT)
 
 

@@ -15,11 +15,24 @@ METRICS = Path("metrics/merge.json")
 
 def main(params: Params) -> None:
     with atomic_dir(OUT) as tmp:  # a failed verification raises here: no models/merged, no metrics
-        metrics = merge_and_verify(BASE, ADAPTER, PACKED, tmp, params.merge.dtype, params.merge.verify_sequences,
-                                   params.export.max_shard_size, params.base.trust_remote_code)
+        metrics = merge_and_verify(
+            BASE,
+            ADAPTER,
+            PACKED,
+            tmp,
+            params.merge.dtype,
+            params.merge.verify_sequences,
+            params.export.max_shard_size,
+            params.base.trust_remote_code,
+        )
     write_json(METRICS, metrics)
-    logging.info("wrote %s (%d shards, %s); max |logit delta| %.3g", OUT, metrics["shards"], metrics["dtype"],
-                 metrics["max_abs_diff"])
+    logging.info(
+        "wrote %s (%d shards, %s); max |logit delta| %.3g",
+        OUT,
+        metrics["shards"],
+        metrics["dtype"],
+        metrics["max_abs_diff"],
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,16 @@ def main(params: Params) -> None:
     with atomic_dir(OUT) as tmp:
         metrics = tokenize_dataset(RECORDS, tokenizer, params.tokenize, tmp)
     write_json(METRICS, metrics)
-    logging.info("%d records -> %d sequences -> %d rows (%.2f%% packed; dropped %d too long, %d untrainable; "
-                 "truncated %d)", metrics["records"], metrics["sequences"], metrics["bins"],
-                 100 * metrics["packing_efficiency"], metrics["dropped_too_long"],
-                 metrics["dropped_no_trainable"], metrics["truncated"])
+    logging.info(
+        "%d records -> %d sequences -> %d rows (%.2f%% packed; dropped %d too long, %d untrainable; truncated %d)",
+        metrics["records"],
+        metrics["sequences"],
+        metrics["bins"],
+        100 * metrics["packing_efficiency"],
+        metrics["dropped_too_long"],
+        metrics["dropped_no_trainable"],
+        metrics["truncated"],
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,15 @@ def main(params: Params) -> None:
         logging.error("%s", e)
         sys.exit(1)
     if metrics:  # the main process
-        logging.info("%d steps, train loss %s, eval loss %s, %.0f supervised tokens/s; adapter in %s, metrics in %s",
-                     metrics["steps"], metrics["train_loss"], metrics["eval_loss"],
-                     metrics["supervised_tokens_per_second"] or 0, ADAPTER, METRICS)
+        logging.info(
+            "%d steps, train loss %s, eval loss %s, %.0f supervised tokens/s; adapter in %s, metrics in %s",
+            metrics["steps"],
+            metrics["train_loss"],
+            metrics["eval_loss"],
+            metrics["supervised_tokens_per_second"] or 0,
+            ADAPTER,
+            METRICS,
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,14 @@ def main(params: Params) -> None:
     with atomic_dir(OUT) as tmp:
         metrics = validate(params.data, Path("."), tmp)
     write_json(METRICS, {**metrics, "seconds": round(time.perf_counter() - start, 3)})
-    logging.info("read %d records: kept %d, rejected %d, duplicates %d (rejects in %s/rejects.jsonl)",
-                 metrics["read"], metrics["kept"], metrics["rejected"], metrics["duplicates"], OUT)
+    logging.info(
+        "read %d records: kept %d, rejected %d, duplicates %d (rejects in %s/rejects.jsonl)",
+        metrics["read"],
+        metrics["kept"],
+        metrics["rejected"],
+        metrics["duplicates"],
+        OUT,
+    )
 
 
 if __name__ == "__main__":

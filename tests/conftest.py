@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def copy_repo(dest: Path) -> Path:
     """A git-tracked copy of the repo's sources (no venv, no outputs) with its own git and DVC state."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)

@@ -55,57 +55,84 @@ def test_every_key_in_params_yaml_is_commented():
             assert "#" in line, f"params.yaml:{number} has no comment: {line}"
 
 
-@pytest.mark.parametrize("raw, path, fragment", [
-    ({"train": {"learning_rate": "fast"}}, "train.learning_rate", "expected a number"),
-    ({"train": {"optimizer": "sgd"}}, "train.optimizer", "allowed: \"adamw_torch\""),
-    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size", "must be >= 1"),
-    ({"lora": {"dropout": 1}}, "lora.dropout", "must be < 1"),
-    ({"tokenize": {"sequence_len": True}}, "tokenize.sequence_len", "expected an integer"),
-    ({"tokenize": {"roles_to_train": []}}, "tokenize.roles_to_train", "at least 1"),
-    ({"tokenize": {"roles_to_train": ["robot"]}}, "tokenize.roles_to_train[0]", "allowed"),
-    ({"export": {"max_shard_size": "2 gigs"}}, "export.max_shard_size", "500MB or 2GB"),
-    ({"export": {"formats": ["gguf", "gguf"]}}, "export.formats", "must not repeat"),
-    ({"data": {"datasets": [{"type": "alpaca"}]}}, "data.datasets[0].path", "required key is missing"),
-    ({"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "sharegpt"}]}}, "data.datasets[0].type", "allowed"),
-    ({"data": {"datasets": "data/sample/alpaca.jsonl"}}, "data.datasets", "expected a list"),
-    ({"train": 5}, "train", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "raw, path, fragment",
+    [
+        ({"train": {"learning_rate": "fast"}}, "train.learning_rate", "expected a number"),
+        ({"train": {"optimizer": "sgd"}}, "train.optimizer", 'allowed: "adamw_torch"'),
+        ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size", "must be >= 1"),
+        ({"lora": {"dropout": 1}}, "lora.dropout", "must be < 1"),
+        ({"tokenize": {"sequence_len": True}}, "tokenize.sequence_len", "expected an integer"),
+        ({"tokenize": {"roles_to_train": []}}, "tokenize.roles_to_train", "at least 1"),
+        ({"tokenize": {"roles_to_train": ["robot"]}}, "tokenize.roles_to_train[0]", "allowed"),
+        ({"export": {"max_shard_size": "2 gigs"}}, "export.max_shard_size", "500MB or 2GB"),
+        ({"export": {"formats": ["gguf", "gguf"]}}, "export.formats", "must not repeat"),
+        ({"data": {"datasets": [{"type": "alpaca"}]}}, "data.datasets[0].path", "required key is missing"),
+        (
+            {"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "sharegpt"}]}},
+            "data.datasets[0].type",
+            "allowed",
+        ),
+        ({"data": {"datasets": "data/sample/alpaca.jsonl"}}, "data.datasets", "expected a list"),
+        ({"train": 5}, "train", "expected a mapping"),
+    ],
+)
 def test_schema_rules(raw, path, fragment):
     found = problems(raw)
     assert path in found, found
     assert fragment in found[path]
 
 
-@pytest.mark.parametrize("raw, path, fragment", [
-    ({"tokenize": {"sequence_lenght": 512}}, "tokenize.sequence_lenght", "did you mean 'sequence_len'"),
-    ({"trian": {}}, "trian", "did you mean 'train'"),
-    ({"lora": {"zzz": 1}}, "lora.zzz", "known keys: r, alpha"),
-    ({"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "alpaca", "feild_output": "o"}]}},
-     "data.datasets[0].feild_output", "did you mean 'field_output'"),
-])
+@pytest.mark.parametrize(
+    "raw, path, fragment",
+    [
+        ({"tokenize": {"sequence_lenght": 512}}, "tokenize.sequence_lenght", "did you mean 'sequence_len'"),
+        ({"trian": {}}, "trian", "did you mean 'train'"),
+        ({"lora": {"zzz": 1}}, "lora.zzz", "known keys: r, alpha"),
+        (
+            {"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "alpaca", "feild_output": "o"}]}},
+            "data.datasets[0].feild_output",
+            "did you mean 'field_output'",
+        ),
+    ],
+)
 def test_unknown_keys_suggest_the_nearest(raw, path, fragment):
     assert fragment in problems(raw)[path]
 
 
-@pytest.mark.parametrize("raw, path, fragment", [
-    ({"train": {"warmup_ratio": 0.1, "warmup_steps": 10}}, "train.warmup_steps", "not both"),
-    ({"train": {"bf16": True, "fp16": True}}, "train.fp16", "exclusive"),
-    ({"tokenize": {"val_set_size": 1.5}}, "tokenize.val_set_size", "whole number"),
-    ({"tokenize": {"sequence_len": 4096}}, "tokenize.sequence_len", "at most 2048"),
-    ({"lora": {"target_modules": ["q_proj"]}}, "lora.target_modules", "not both"),
-    ({"lora": {"target_linear": False}}, "lora.target_modules", "nothing to adapt"),
-    ({"export": {"formats": ["gguf"]}}, "export.formats", "safetensors is always exported"),
-    ({"base": {"model": "builtin:huge-llama"}}, "base.model", "built-in models: builtin:tiny-llama"),
-    ({"base": {"revision": "main"}}, "base.revision", "hub ids only"),
-    ({"base": {"model": "meta-llama/Llama-3.1-8B"}}, "base.revision", "must be pinned"),
-    ({"base": {"model": "./no/such/folder"}}, "base.model", "not a built-in name"),
-    ({"base": {"model": "data"}}, "base.model", "must lie under models/local/"),
-    ({"data": {"datasets": [{"path": "data/sample/nope.jsonl", "type": "alpaca"}]}}, "data.datasets[0].path", "does not exist"),
-    ({"data": {"datasets": [{"path": "data/sample", "type": "alpaca"}]}}, "data.datasets[0].path", "a folder"),
-    ({"data": {"datasets": [{"path": "pyproject.toml", "type": "alpaca"}]}}, "data.datasets[0].path", "must lie under data/raw/"),
-    ({"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "alpaca", "field_messages": "m"}]}},
-     "data.datasets[0].field_messages", "applies to type chat only"),
-])
+@pytest.mark.parametrize(
+    "raw, path, fragment",
+    [
+        ({"train": {"warmup_ratio": 0.1, "warmup_steps": 10}}, "train.warmup_steps", "not both"),
+        ({"train": {"bf16": True, "fp16": True}}, "train.fp16", "exclusive"),
+        ({"tokenize": {"val_set_size": 1.5}}, "tokenize.val_set_size", "whole number"),
+        ({"tokenize": {"sequence_len": 4096}}, "tokenize.sequence_len", "at most 2048"),
+        ({"lora": {"target_modules": ["q_proj"]}}, "lora.target_modules", "not both"),
+        ({"lora": {"target_linear": False}}, "lora.target_modules", "nothing to adapt"),
+        ({"export": {"formats": ["gguf"]}}, "export.formats", "safetensors is always exported"),
+        ({"base": {"model": "builtin:huge-llama"}}, "base.model", "built-in models: builtin:tiny-llama"),
+        ({"base": {"revision": "main"}}, "base.revision", "hub ids only"),
+        ({"base": {"model": "meta-llama/Llama-3.1-8B"}}, "base.revision", "must be pinned"),
+        ({"base": {"model": "./no/such/folder"}}, "base.model", "not a built-in name"),
+        ({"base": {"model": "data"}}, "base.model", "must lie under models/local/"),
+        (
+            {"data": {"datasets": [{"path": "data/sample/nope.jsonl", "type": "alpaca"}]}},
+            "data.datasets[0].path",
+            "does not exist",
+        ),
+        ({"data": {"datasets": [{"path": "data/sample", "type": "alpaca"}]}}, "data.datasets[0].path", "a folder"),
+        (
+            {"data": {"datasets": [{"path": "pyproject.toml", "type": "alpaca"}]}},
+            "data.datasets[0].path",
+            "must lie under data/raw/",
+        ),
+        (
+            {"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "alpaca", "field_messages": "m"}]}},
+            "data.datasets[0].field_messages",
+            "applies to type chat only",
+        ),
+    ],
+)
 def test_cross_field_rules(raw, path, fragment):
     found = problems(raw)
     assert path in found, found
@@ -113,14 +140,26 @@ def test_cross_field_rules(raw, path, fragment):
 
 
 def test_hub_ids_pass_when_pinned():
-    assert problems({"base": {"model": "meta-llama/Llama-3.1-8B", "revision": "main"},
-                     "data": {"datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}]}}) == {}
+    assert (
+        problems(
+            {
+                "base": {"model": "meta-llama/Llama-3.1-8B", "revision": "main"},
+                "data": {"datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}]},
+            }
+        )
+        == {}
+    )
 
 
 def test_unknown_data_suffix(tmp_path):
     (tmp_path / "data/raw").mkdir(parents=True)
     (tmp_path / "data/raw/x.txt").write_text("hi")
-    assert "unknown file type" in problems({"data": {"datasets": [{"path": "data/raw/x.txt", "type": "completion"}]}}, tmp_path)["data.datasets[0].path"]
+    assert (
+        "unknown file type"
+        in problems({"data": {"datasets": [{"path": "data/raw/x.txt", "type": "completion"}]}}, tmp_path)[
+            "data.datasets[0].path"
+        ]
+    )
 
 
 FIVE_MISTAKES = """\
@@ -143,10 +182,18 @@ def test_cli_lists_all_five_problems_and_exits_2_fast(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(FIVE_MISTAKES)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "reprotune.cli", "check", str(params)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "reprotune.cli", "check", str(params)], capture_output=True, text=True
+    )
     elapsed = time.perf_counter() - start
     assert result.returncode == 2
-    for path in ("base.revision", "data.datasets[0].path", "tokenize.sequence_lenght", "train.learning_rate", "train.warmup_steps"):
+    for path in (
+        "base.revision",
+        "data.datasets[0].path",
+        "tokenize.sequence_lenght",
+        "train.learning_rate",
+        "train.warmup_steps",
+    ):
         assert path in result.stderr, result.stderr
     assert "5 problems" in result.stderr
     assert elapsed < 10  # the 3 s figure is measured by `make bench`; this only catches a torch import
@@ -158,7 +205,9 @@ def test_check_imports_no_torch():
 
 
 def test_cli_ok_exit_0():
-    result = subprocess.run([sys.executable, "-m", "reprotune.cli", "check", str(REPO / "params.yaml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "reprotune.cli", "check", str(REPO / "params.yaml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import copy_repo
+
 from reprotune.io import sha256_tree
 
 BIN = Path(sys.executable).parent
@@ -73,12 +73,16 @@ def test_export_loads_and_generates(pipeline):
     verify_manifest(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
-    assert isinstance(tokenizer.decode(out[0, prompt["input_ids"].shape[1]:]), str)
+    assert isinstance(tokenizer.decode(out[0, prompt["input_ids"].shape[1] :]), str)
 
 
 def test_second_clone_restores_everything_from_the_shared_remote(pipeline, tmp_path):

@@ -15,14 +15,22 @@ import torch
 
 from reprotune.evaluate import evaluate, read_val_sequences
 from reprotune.model.builtin import build_tiny_llama
+
 from test_merge import write_packed
 
 REPO = Path(__file__).resolve().parents[1]
-DECLARED = ("evaluate.max_sequences", "evaluate.max_new_tokens", "evaluate.num_samples",
-            "base.trust_remote_code")  # the stage's params in dvc.yaml
+DECLARED = (
+    "evaluate.max_sequences",
+    "evaluate.max_new_tokens",
+    "evaluate.num_samples",
+    "base.trust_remote_code",
+)  # the stage's params in dvc.yaml
 MAX_NEW = 8
-PROMPTS = ["### Instruction:\nAdd 2 and 3.\n\n### Response:\n", "### Instruction:\nName a color.\n\n### Response:\n",
-           "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"]
+PROMPTS = [
+    "### Instruction:\nAdd 2 and 3.\n\n### Response:\n",
+    "### Instruction:\nName a color.\n\n### Response:\n",
+    "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +53,16 @@ def hf(models):
 
 def hf_greedy(model, prompt: list[int], stops: list[int]) -> list[int]:
     """Transformers' own greedy generation, without the stop token that ended it."""
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=stops, pad_token_id=2)
-    new = out[0, len(prompt):].tolist()
-    return new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=MAX_NEW,
+        eos_token_id=stops,
+        pad_token_id=2,
+    )
+    new = out[0, len(prompt) :].tolist()
+    return new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +122,9 @@ def test_figures_match_independent_computation(models, hf, case):
         assert got["loss"] == pytest.approx(nll / n, abs=2e-6)
         assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
         decode = lambda ids: tok.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-        matches = [decode(hf_greedy(model, prompt, [1, 4])) == decode(answer)
-                   for prompt, answer in map(split, seqs[:2])]
+        matches = [
+            decode(hf_greedy(model, prompt, [1, 4])) == decode(answer) for prompt, answer in map(split, seqs[:2])
+        ]
         assert got["generated"] == 2 and got["exact_match_count"] == sum(matches)
         assert got["exact_match"] == sum(matches) / 2
     assert metrics["base"]["exact_match"] == 0.5  # seq 0 by construction, seq 1 by construction not

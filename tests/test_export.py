@@ -30,8 +30,13 @@ from reprotune.io import sha256_file, sha256_tree
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_" + "Ab3" * 10
-PROVENANCE = {"source": "hub", "model": "org/tiny-llama", "revision": "main",
-              "commit_sha": "0123456789abcdef0123456789abcdef01234567", "trust_remote_code": False}
+PROVENANCE = {
+    "source": "hub",
+    "model": "org/tiny-llama",
+    "revision": "main",
+    "commit_sha": "0123456789abcdef0123456789abcdef01234567",
+    "trust_remote_code": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +125,12 @@ def test_gguf_round_trip(merged, tmp_path):
     assert field("tokenizer.ggml.tokens") == tok.convert_ids_to_tokens(list(range(4096)))
     assert field("tokenizer.ggml.token_type")[:6] == [3, 3, 3, 3, 3, 1]  # 5 specials are CONTROL
     assert field("tokenizer.ggml.merges") == [" ".join(m) for m in spec["model"]["merges"]]
-    assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"),
-            field("tokenizer.ggml.padding_token_id"), field("tokenizer.ggml.eot_token_id")) == (0, 1, 2, 4)
+    assert (
+        field("tokenizer.ggml.bos_token_id"),
+        field("tokenizer.ggml.eos_token_id"),
+        field("tokenizer.ggml.padding_token_id"),
+        field("tokenizer.ggml.eot_token_id"),
+    ) == (0, 1, 2, 4)
     assert field("tokenizer.chat_template") == tok.chat_template
 
     tensors = {t.name: t for t in reader.tensors}
@@ -189,13 +198,26 @@ def test_card_holds_no_secrets_or_absolute_paths(merged, tmp_path, monkeypatch):
     home_file.parent.mkdir()
     home_file.write_text("{}\n")
     params = export_params(formats=("safetensors",))
-    datasets = (dataclasses.replace(params.data.datasets[0], path=str(home_file)),
-                dataclasses.replace(params.data.datasets[1], path="C:\\Users\\alice\\chat.jsonl"))
-    params = dataclasses.replace(params, data=dataclasses.replace(params.data, datasets=datasets),
-                                 base=dataclasses.replace(params.base, revision=TOKEN))
+    datasets = (
+        dataclasses.replace(params.data.datasets[0], path=str(home_file)),
+        dataclasses.replace(params.data.datasets[1], path="C:\\Users\\alice\\chat.jsonl"),
+    )
+    params = dataclasses.replace(
+        params,
+        data=dataclasses.replace(params.data, datasets=datasets),
+        base=dataclasses.replace(params.base, revision=TOKEN),
+    )
     provenance = tmp_path / "prov.json"
-    provenance.write_text(json.dumps({**PROVENANCE, "revision": TOKEN, "commit_sha": "s3cr3t-value-from-env",
-                                      "model": "/home/alice/models/llama"}))
+    provenance.write_text(
+        json.dumps(
+            {
+                **PROVENANCE,
+                "revision": TOKEN,
+                "commit_sha": "s3cr3t-value-from-env",
+                "model": "/home/alice/models/llama",
+            }
+        )
+    )
     metrics = tmp_path / "metrics"
     metrics.mkdir()
     (metrics / "train.json").write_text(json.dumps({"note": "another-secret-0123", "output_dir": str(tmp_path)}))
@@ -203,8 +225,16 @@ def test_card_holds_no_secrets_or_absolute_paths(merged, tmp_path, monkeypatch):
     out.mkdir()
     build_export(params, merged, provenance, [metrics / "train.json"], out, root=REPO)
     card = (out / "README.md").read_text()
-    for leak in (TOKEN, "s3cr3t-value-from-env", "another-secret-0123", str(tmp_path), "/home/alice", "C:\\Users",
-                 str(REPO), os.path.expanduser("~")):
+    for leak in (
+        TOKEN,
+        "s3cr3t-value-from-env",
+        "another-secret-0123",
+        str(tmp_path),
+        "/home/alice",
+        "C:\\Users",
+        str(REPO),
+        os.path.expanduser("~"),
+    ):
         assert leak not in card, leak
     assert not re.search(r"hf_[A-Za-z0-9]{20,}", card)
     assert not re.search(r"(?<![\w.:/~-])/[\w.-]+/", card)  # no absolute POSIX path at all
@@ -221,8 +251,12 @@ def test_scrub_keeps_urls_and_relative_paths():
 
 def test_stage_builds_the_folder(merged, records, tmp_path, monkeypatch):
     provenance, metrics = records
-    for src, dst in ((merged, "models/merged"), (provenance, "models/base/reprotune_base.json"),
-                     (metrics, "metrics"), (REPO / "data/sample", "data/sample")):
+    for src, dst in (
+        (merged, "models/merged"),
+        (provenance, "models/base/reprotune_base.json"),
+        (metrics, "metrics"),
+        (REPO / "data/sample", "data/sample"),
+    ):
         (tmp_path / dst).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / dst).symlink_to(src)
     params = restrict(load_params(REPO / "params.yaml"), SECTIONS, "export")  # the card reads every section

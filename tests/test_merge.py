@@ -119,8 +119,14 @@ def test_layout_is_sharded_like_save_pretrained(base, merged):
     shards = [n for n in names if n.endswith(".safetensors")]
     assert metrics["shards"] == len(shards) > 1
     assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "model.safetensors.index.json"} <= set(names)
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "model.safetensors.index.json",
+    } <= set(names)
     assert "reprotune_base.json" not in names
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)

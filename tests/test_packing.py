@@ -14,8 +14,8 @@ from reprotune.tokenize.packing import (
     packing_efficiency,
 )
 
-
 # ----------------------------------------------------------------------------- naive references
+
 
 def naive_bfd(lengths, capacity):
     """O(n * bins) best-fit decreasing, item by item: the spec the fast packer must match."""
@@ -57,6 +57,7 @@ def as_lists(bins):
 
 # ----------------------------------------------------------------------------- strategies
 
+
 @st.composite
 def lengths_and_capacity(draw):
     capacity = draw(st.integers(1, 64))
@@ -77,6 +78,7 @@ def check_valid(bins, lengths, capacity):
 
 # ----------------------------------------------------------------------------- properties
 
+
 @settings(max_examples=400, deadline=None)
 @given(lengths_and_capacity())
 def test_bfd_matches_naive_and_is_valid(lc):
@@ -95,8 +97,7 @@ def test_first_fit_matches_naive_and_is_valid(lc, rnd):
     bins = pack_first_fit(lengths, capacity, order=order)
     check_valid(bins, lengths, capacity)
     assert as_lists(bins) == naive_ff(lengths, capacity, order)
-    assert as_lists(pack_first_fit(lengths, capacity)) == naive_ff(
-        lengths, capacity, range(len(lengths)))
+    assert as_lists(pack_first_fit(lengths, capacity)) == naive_ff(lengths, capacity, range(len(lengths)))
 
 
 @settings(max_examples=100, deadline=None)
@@ -125,6 +126,7 @@ def test_large_capacity_uses_generic_sort():
 
 # ----------------------------------------------------------------------------- edge cases
 
+
 def test_empty():
     assert pack_best_fit_decreasing([], 16) == []
     assert pack_best_fit_decreasing(np.zeros(0, dtype=np.int64), 16) == []
@@ -143,12 +145,15 @@ def test_bad_length_names_index(packer, bad):
         packer([1, 2, bad, 4], 8)
 
 
-@pytest.mark.parametrize("lengths, capacity", [
-    ([1.5, 2.0], 8),           # floats
-    ([[1, 2]], 8),             # not 1-D
-    ([1, 2], 0),               # capacity < 1
-    ([1, 2], True),            # bool capacity
-])
+@pytest.mark.parametrize(
+    "lengths, capacity",
+    [
+        ([1.5, 2.0], 8),  # floats
+        ([[1, 2]], 8),  # not 1-D
+        ([1, 2], 0),  # capacity < 1
+        ([1, 2], True),  # bool capacity
+    ],
+)
 def test_bad_inputs(lengths, capacity):
     with pytest.raises(ValueError):
         pack_best_fit_decreasing(lengths, capacity)

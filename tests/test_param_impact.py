@@ -21,8 +21,14 @@ from reprotune.config.check import schema
 
 STAGE_OUTPUT_KINDS = ("outs", "metrics", "plots")
 # Files no stage runs or reads: tools for people, tests and benchmarks, not pipeline inputs.
-OUTSIDE_PIPELINE = {"lib/reprotune/cli.py", "lib/reprotune/train/synthetic.py", "data/make_sample.py",
-                    "data/README.md", "data/raw/README.md", "models/local/README.md"}
+OUTSIDE_PIPELINE = {
+    "lib/reprotune/cli.py",
+    "lib/reprotune/train/synthetic.py",
+    "data/make_sample.py",
+    "data/README.md",
+    "data/raw/README.md",
+    "models/local/README.md",
+}
 
 
 def stages_of(repo: Path) -> dict:
@@ -142,14 +148,17 @@ def test_every_params_leaf_reruns_exactly_its_stages(pipeline):
         finally:
             params_file.write_text(original_text)
         checked.add(key)
-    schema_leaves = {f"{section}.{key}" for section, node in schema()["properties"].items() for key in node["properties"]}
+    schema_leaves = {
+        f"{section}.{key}" for section, node in schema()["properties"].items() for key in node["properties"]
+    }
     assert checked == schema_leaves  # params.yaml spells out every key, and each was changed
 
 
 def test_every_data_and_code_file_reruns_exactly_its_stages(pipeline):
     stages = stages_of(pipeline)
-    tracked = subprocess.run(["git", "ls-files", "lib", "stages", "data"], cwd=pipeline, check=True,
-                             capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "lib", "stages", "data"], cwd=pipeline, check=True, capture_output=True, text=True
+    ).stdout.split()
     files = [pipeline / name for name in tracked]
     assert len(files) > 20
     for path in files:

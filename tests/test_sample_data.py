@@ -23,8 +23,9 @@ def _load(name: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample")
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--seed", "0"],
-                   check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--seed", "0"], check=True, capture_output=True, cwd=ROOT
+    )
     return out
 
 
@@ -42,8 +43,9 @@ def test_canonical_lines(name: str) -> None:
 
 
 def test_other_seed_differs(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--seed", "1"],
-                   check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--seed", "1"], check=True, capture_output=True, cwd=ROOT
+    )
     assert (tmp_path / "alpaca.jsonl").read_bytes() != (SAMPLE / "alpaca.jsonl").read_bytes()
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
 

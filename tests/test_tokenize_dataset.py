@@ -15,12 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures import make_tokenize_fixtures as fx
 from reprotune.data.validate import SCHEMA as RECORDS_SCHEMA
 from reprotune.io import sha256_tree
 from reprotune.tokenize import dataset
 from reprotune.tokenize.dataset import tokenize_dataset
 from reprotune.tokenize.templates import IGNORE_INDEX, PromptEncoder, TokenizeError
+
+from fixtures import make_tokenize_fixtures as fx
 
 WORDS = fx.LONG_TEXT.replace(",", "").replace(".", "").split()
 CFG = dataclasses.replace(fx.BASE_CFG, sequence_len=48, val_set_size=0.1, seed=3, batch_size=16)
@@ -45,8 +46,15 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
         if kind == "alpaca":
             out.append(fx.alpaca(words(rng, 3), words(rng, size), input_=words(rng, 2) if i % 2 else "", line=i + 1))
         elif kind == "chat":
-            out.append(fx.chat(("user", words(rng, 4)), ("assistant", words(rng, size)),
-                               ("user", words(rng, 2)), ("assistant", words(rng, 3)), line=i + 1))
+            out.append(
+                fx.chat(
+                    ("user", words(rng, 4)),
+                    ("assistant", words(rng, size)),
+                    ("user", words(rng, 2)),
+                    ("assistant", words(rng, 3)),
+                    line=i + 1,
+                )
+            )
         else:
             out.append(fx.completion(words(rng, 2 * size), line=i + 1))
     return out
@@ -79,7 +87,7 @@ def sequences_of(rows: list[dict]) -> list[tuple[tuple[int, ...], tuple[int, ...
     for row in rows:
         s = 0
         for n in row["seq_lens"]:
-            out.append((tuple(row["input_ids"][s:s + n]), tuple(row["labels"][s:s + n])))
+            out.append((tuple(row["input_ids"][s : s + n]), tuple(row["labels"][s : s + n])))
             s += n
     return out
 
@@ -93,6 +101,7 @@ def check_rows(rows: list[dict], sequence_len: int, packed: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- split
+
 
 @pytest.mark.parametrize(("val_set_size", "n_val"), [(0, 0), (0.1, 9), (0.05, 5), (7, 7)])
 def test_split_sizes(tok, records_path, tmp_path, val_set_size, n_val):
@@ -112,6 +121,7 @@ def test_split_is_by_record_and_seeded():
 
 # ----------------------------------------------------------------------------- rows
 
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 40),
@@ -125,8 +135,9 @@ def test_rows_hold_every_kept_sequence_once(tok, tmp_path_factory, n, seed, sequ
     records = make_records(n, seed)
     if val >= 1 and n <= val:
         val = 0
-    cfg = dataclasses.replace(CFG, sequence_len=sequence_len, sample_packing=packing, excess_length=excess,
-                              val_set_size=val, seed=seed)
+    cfg = dataclasses.replace(
+        CFG, sequence_len=sequence_len, sample_packing=packing, excess_length=excess, val_set_size=val, seed=seed
+    )
     expected = PromptEncoder(tok, cfg).encode(records).sequences
     tmp = tmp_path_factory.mktemp("prop")
     path = write_records(tmp / "records.parquet", records)
@@ -162,6 +173,7 @@ def test_shards_and_row_groups(tok, records_path, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- determinism
 
+
 def test_byte_identical_for_any_num_proc_and_batch_size(tok, records_path, tmp_path):
     runs_ = [
         run(tok, records_path, tmp_path / "a"),
@@ -181,6 +193,7 @@ def test_seed_changes_split_and_order(tok, records_path, tmp_path):
 
 
 # ----------------------------------------------------------------------------- length policy, metrics
+
 
 def test_excess_length_modes(tok, records_path, tmp_path):
     drop = run(tok, records_path, tmp_path / "drop")
@@ -203,8 +216,12 @@ def test_metrics_match_the_files(tok, records_path, tmp_path):
         rows = read_split(out, name)
         seqs = sequences_of(rows)
         tokens = sum(len(ids) for ids, _ in seqs)
-        figures = {"rows": len(rows), "sequences": len(seqs), "tokens": tokens,
-                   "supervised_tokens": sum(sum(lab != IGNORE_INDEX for lab in labels) for _, labels in seqs)}
+        figures = {
+            "rows": len(rows),
+            "sequences": len(seqs),
+            "tokens": tokens,
+            "supervised_tokens": sum(sum(lab != IGNORE_INDEX for lab in labels) for _, labels in seqs),
+        }
         assert {k: m["splits"][name][k] for k in figures} == figures
         assert manifest["splits"][name] == {**figures, "files": [f"{name}/part-00000.parquet"]}
         total_tokens += tokens

@@ -13,8 +13,9 @@ import json
 
 import pytest
 
-from fixtures import make_tokenize_fixtures as fx
 from reprotune.tokenize.templates import IGNORE_INDEX, PromptEncoder, TokenizeError, alpaca_prompt
+
+from fixtures import make_tokenize_fixtures as fx
 
 END_OF_TURN = {"builtin": "<|im_end|>", "llama_spm": "</s>"}
 
@@ -54,6 +55,7 @@ def check_bos_eos(tok, ids: list[int], eos: int = 1) -> None:
 
 # ----------------------------------------------------------------------------- goldens
 
+
 @pytest.mark.parametrize("case", list(fx.CASES))
 def test_golden(tok, case):
     golden = json.loads(fx.fixture_path(tok.fixture_name).read_text(encoding="utf-8"))
@@ -70,6 +72,7 @@ def test_labels_equal_ids_where_set(tok):
 
 # ----------------------------------------------------------------------------- alpaca
 
+
 @pytest.mark.parametrize("record", [fx.ALPACA, fx.ALPACA_FULL])
 def test_alpaca_trains_response_and_eos_only(tok, record):
     [seq] = encode(tok, [record]).sequences
@@ -78,13 +81,14 @@ def test_alpaca_trains_response_and_eos_only(tok, record):
     prompt = alpaca_prompt(record["system"], record["instruction"], record["input"])
     # the prompt part is exactly what the tokenizer itself makes of the prompt (BOS included or not)
     expected_prompt = tok(prompt)["input_ids"]
-    assert seq.input_ids[:len(expected_prompt)] == expected_prompt
+    assert seq.input_ids[: len(expected_prompt)] == expected_prompt
 
 
 def test_alpaca_prompt_layout():
     assert alpaca_prompt(None, "Add 1 and 2.", "") == "### Instruction:\nAdd 1 and 2.\n\n### Response:\n"
     assert alpaca_prompt("Be brief.", "Sort.", "3 1") == (
-        "Be brief.\n\n### Instruction:\nSort.\n\n### Input:\n3 1\n\n### Response:\n")
+        "Be brief.\n\n### Instruction:\nSort.\n\n### Input:\n3 1\n\n### Response:\n"
+    )
 
 
 def test_alpaca_train_on_inputs_labels_everything_but_position_0(tok):
@@ -107,6 +111,7 @@ def test_alpaca_via_chat_template_is_the_chat_strategy(tok):
 
 # ----------------------------------------------------------------------------- chat
 
+
 def test_chat_trains_assistant_turns_with_their_end_of_turn(tok):
     [seq] = encode(tok, [fx.CONVERSATION]).sequences
     end = END_OF_TURN[tok.fixture_name]
@@ -120,11 +125,17 @@ def test_chat_roles_to_train_user_and_assistant(tok):
     [seq] = encode(tok, [fx.CONVERSATION], roles_to_train=("user", "assistant")).sequences
     texts = [tok.decode(r) for r in runs(seq)]
     if tok.fixture_name == "builtin":  # each turn's header (<|im_start|>role\n) stays untrained
-        assert texts == ["What is the capital of France?<|im_end|>", "Paris.<|im_end|>",
-                         "And of Italy?<|im_end|>", "Rome, of course.<|im_end|>"]
+        assert texts == [
+            "What is the capital of France?<|im_end|>",
+            "Paris.<|im_end|>",
+            "And of Italy?<|im_end|>",
+            "Rome, of course.<|im_end|>",
+        ]
     else:  # the system prompt sits inside the first [INST] block, in its header: not trained
-        assert texts == ["What is the capital of France? [/INST] Paris.</s>",
-                         "And of Italy? [/INST] Rome, of course.</s>"]
+        assert texts == [
+            "What is the capital of France? [/INST] Paris.</s>",
+            "And of Italy? [/INST] Rome, of course.</s>",
+        ]
     assert all("Answer briefly" not in t for t in texts)
 
 
@@ -168,6 +179,7 @@ def test_tokenizer_without_chat_template_is_refused():
 
 # ----------------------------------------------------------------------------- completion
 
+
 def test_completion_trains_every_token_and_ends_with_eos(tok):
     [seq] = encode(tok, [fx.completion("Water boils at one hundred degrees.")]).sequences
     assert seq.labels()[1:] == seq.input_ids[1:]
@@ -185,6 +197,7 @@ def test_completion_is_chunked_at_sequence_len(tok):
 
 
 # ----------------------------------------------------------------------------- length policy
+
 
 def test_truncate_keeps_the_start_and_counts(tok):
     enc = encode(tok, [fx.alpaca("Repeat.", fx.LONG_TEXT)], sequence_len=32, excess_length="truncate")

@@ -14,7 +14,12 @@ from reprotune.hardware import resolve
 from reprotune.model.builtin import build_tiny_llama
 from reprotune.train import attention, synthetic
 from reprotune.train.batches import (
-    IGNORE, PackedDataError, PackedRows, PaddedCollator, collate_padding_free, read_manifest,
+    IGNORE,
+    PackedDataError,
+    PackedRows,
+    PaddedCollator,
+    collate_padding_free,
+    read_manifest,
 )
 from reprotune.train.model import load_trainable
 
@@ -87,20 +92,22 @@ def per_sequence_losses(model, batch: dict, seq_lens: list[int]) -> list[float]:
     """Mean next-token loss of each sequence inside the (1, total) row `batch`."""
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-    losses = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="none",
-                                               ignore_index=IGNORE)
+    losses = torch.nn.functional.cross_entropy(
+        logits[0, :-1], batch["labels"][0, 1:], reduction="none", ignore_index=IGNORE
+    )
     out, start = [], 0
     for n in seq_lens:
-        targets = batch["labels"][0, start + 1:start + n] != IGNORE  # position t scores token t + 1
-        out.append(losses[start:start + n - 1][targets].mean().item())
+        targets = batch["labels"][0, start + 1 : start + n] != IGNORE  # position t scores token t + 1
+        out.append(losses[start : start + n - 1][targets].mean().item())
         start += n
     return out
 
 
 # sdpa_packed is what training uses for packed rows on CPU; sdpa and eager get transformers' own
 # block mask built from the restarting position_ids
-@pytest.mark.parametrize("attn, load_in_4bit", [("sdpa_packed", False), ("sdpa_packed", True), ("sdpa", False),
-                                                ("eager", False)])
+@pytest.mark.parametrize(
+    "attn, load_in_4bit", [("sdpa_packed", False), ("sdpa_packed", True), ("sdpa", False), ("eager", False)]
+)
 def test_each_packed_sequence_scores_as_if_alone(tiny, attn, load_in_4bit):
     quant = dataclasses.replace(PARAMS.quant, load_in_4bit=load_in_4bit)
     caps = resolve("auto", False, "sdpa" if attn == "sdpa_packed" else attn)

@@ -56,21 +56,35 @@ def test_without_4bit_the_base_stays_in_the_compute_dtype(tiny):
 
 
 def test_explicit_targets_rsLoRA_DoRA_and_modules_to_save(tiny):
-    model = build(tiny, quant={"load_in_4bit": False}, lora={
-        "target_linear": False, "target_modules": ("q_proj", "v_proj"), "modules_to_save": ("lm_head",),
-        "use_rslora": True, "use_dora": True, "r": 4, "alpha": 8})
+    model = build(
+        tiny,
+        quant={"load_in_4bit": False},
+        lora={
+            "target_linear": False,
+            "target_modules": ("q_proj", "v_proj"),
+            "modules_to_save": ("lm_head",),
+            "use_rslora": True,
+            "use_dora": True,
+            "r": 4,
+            "alpha": 8,
+        },
+    )
     attn = model.base_model.model.model.layers[0].self_attn
     assert hasattr(attn.q_proj, "lora_A") and hasattr(attn.v_proj, "lora_A") and not hasattr(attn.k_proj, "lora_A")
-    assert attn.q_proj.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rsLoRA: alpha / sqrt(r)
+    assert attn.q_proj.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
     assert "default" in attn.q_proj.lora_magnitude_vector  # DoRA
-    assert any(n.endswith("lm_head.modules_to_save.default.weight") for n, p in model.named_parameters()
-               if p.requires_grad)
+    assert any(
+        n.endswith("lm_head.modules_to_save.default.weight") for n, p in model.named_parameters() if p.requires_grad
+    )
 
 
-@pytest.mark.parametrize("key, lora", [
-    ("lora.target_modules", {"target_linear": False, "target_modules": ("q_proj", "qkv_proj")}),
-    ("lora.modules_to_save", {"modules_to_save": ("embed_token",)}),
-])
+@pytest.mark.parametrize(
+    "key, lora",
+    [
+        ("lora.target_modules", {"target_linear": False, "target_modules": ("q_proj", "qkv_proj")}),
+        ("lora.modules_to_save", {"modules_to_save": ("embed_token",)}),
+    ],
+)
 def test_a_name_that_matches_no_module_is_an_error_naming_it(tiny, key, lora):
     bad = (lora.get("target_modules") or lora["modules_to_save"])[-1]
     with pytest.raises(BadInput, match=rf"{key}: '{bad}' matches no module.*q_proj"):  # exit 2

@@ -21,13 +21,22 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
 SEQUENCE_LEN = 128
 # 5 optimizer steps of 2 rows x 2 micro-batches over ~20 packed rows: one epoch, checked below
-FAST = {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": -1, "num_epochs": 1,
-        "save_steps": 2, "eval_steps": 2, "logging_steps": 2, "warmup_ratio": 0.1}
+FAST = {
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "max_steps": -1,
+    "num_epochs": 1,
+    "save_steps": 2,
+    "eval_steps": 2,
+    "logging_steps": 2,
+    "warmup_ratio": 0.1,
+}
 
 
 def params_with(**sections: dict):
-    return dataclasses.replace(PARAMS, **{s: dataclasses.replace(getattr(PARAMS, s), **kv)
-                                          for s, kv in sections.items()})
+    return dataclasses.replace(
+        PARAMS, **{s: dataclasses.replace(getattr(PARAMS, s), **kv) for s, kv in sections.items()}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +79,13 @@ def test_qlora_run_writes_outputs_counts_tokens_and_repeats_exactly(tmp_path, ti
     assert json.loads((a / "metrics/train.json").read_text()) == m
 
     adapter = a / "models/adapter"
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "training_config.json"} <= {p.name for p in adapter.iterdir()}
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "training_config.json",
+    } <= {p.name for p in adapter.iterdir()}
     config = json.loads((adapter / "training_config.json").read_text())
     assert config["params"]["quant.load_in_4bit"] is True and config["hardware"]["attn_implementation"] == "sdpa"
     assert not (a / "checkpoints/train").exists()  # removed once the adapter is written
@@ -112,10 +126,14 @@ def test_non_finite_loss_stops_before_any_output(tmp_path, tiny, seqs, monkeypat
 
 def test_loss_watchdog_stops_after_patience_logs_above_threshold(tmp_path, tiny, seqs):
     root = project(tmp_path, tiny, seqs)
-    params = params_with(quant={"load_in_4bit": False},
-                         train={**FAST, "loss_watchdog_threshold": 1.0, "loss_watchdog_patience": 2})
-    with pytest.raises(TrainingStopped, match=r"above train.loss_watchdog_threshold=1 for 2 consecutive "
-                                              r"logs \(8\.\d+, 8\.\d+\) up to step 4"):
+    params = params_with(
+        quant={"load_in_4bit": False}, train={**FAST, "loss_watchdog_threshold": 1.0, "loss_watchdog_patience": 2}
+    )
+    with pytest.raises(
+        TrainingStopped,
+        match=r"above train.loss_watchdog_threshold=1 for 2 consecutive "
+        r"logs \(8\.\d+, 8\.\d+\) up to step 4",
+    ):
         train(params, root)
     assert not (root / "models/adapter").exists()
 
@@ -127,9 +145,14 @@ def test_warmup_from_ratio_or_steps(ratio, steps, expected):
     assert args.get_warmup_steps(10) == expected
 
 
-@pytest.mark.parametrize("optimizer, kind", [("adamw_torch", ("torch", 32, False)),
-                                             ("adamw_bnb_8bit", ("bitsandbytes", 8, False)),
-                                             ("paged_adamw_8bit", ("bitsandbytes", 8, True))])
+@pytest.mark.parametrize(
+    "optimizer, kind",
+    [
+        ("adamw_torch", ("torch", 32, False)),
+        ("adamw_bnb_8bit", ("bitsandbytes", 8, False)),
+        ("paged_adamw_8bit", ("bitsandbytes", 8, True)),
+    ],
+)
 def test_optimizer_choice(tmp_path, tiny, seqs, optimizer, kind):
     root = project(tmp_path, tiny, seqs)
     params = params_with(quant={"load_in_4bit": False}, train={**FAST, "optimizer": optimizer})

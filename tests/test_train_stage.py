@@ -28,18 +28,30 @@ SEQUENCE_LEN = 128
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # The entry proposed for dvc.yaml; run_stage lets the stage read only the params it declares.
 SECTION_KEYS = {
-    "quant": ["load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
-              "bnb_4bit_quant_storage"],
-    "lora": ["r", "alpha", "dropout", "target_linear", "target_modules", "modules_to_save", "use_rslora",
-             "use_dora"],
+    "quant": [
+        "load_in_4bit",
+        "bnb_4bit_quant_type",
+        "bnb_4bit_use_double_quant",
+        "bnb_4bit_compute_dtype",
+        "bnb_4bit_quant_storage",
+    ],
+    "lora": ["r", "alpha", "dropout", "target_linear", "target_modules", "modules_to_save", "use_rslora", "use_dora"],
     "train": list(yaml.safe_load((REPO / "params.yaml").read_text())["train"]),
 }
-TRAIN_STAGE = {"cmd": "python stages/train.py",
-               "params": [f"{s}.{k}" for s, keys in SECTION_KEYS.items() for k in keys]}
+TRAIN_STAGE = {
+    "cmd": "python stages/train.py",
+    "params": [f"{s}.{k}" for s, keys in SECTION_KEYS.items() for k in keys],
+}
 TRAIN = 118  # sequences in the train split (the rest are val); they pack into 36 rows
 # 12 optimizer steps over the 36 packed rows; a checkpoint every 2 steps, a log every step
-RESUMABLE = {"max_steps": 12, "save_steps": 2, "logging_steps": 1, "eval_steps": 4, "micro_batch_size": 2,
-             "gradient_accumulation_steps": 2}
+RESUMABLE = {
+    "max_steps": 12,
+    "save_steps": 2,
+    "logging_steps": 1,
+    "eval_steps": 4,
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +82,14 @@ def sequences():
 
 
 def stage(root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "stages/train.py")], cwd=root, env=env or ENV,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages/train.py")],
+        cwd=root,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def curve(root: Path, name: str) -> list[tuple[int, float]]:
@@ -80,8 +98,13 @@ def curve(root: Path, name: str) -> list[tuple[int, float]]:
 
 
 def start_and_kill_after_first_checkpoint(root: Path) -> None:
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages/train.py")], cwd=root, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stages/train.py")],
+        cwd=root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not list((root / "checkpoints/train").glob(f"checkpoint-*/{MARKER}")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was completed"
@@ -123,8 +146,12 @@ def test_killed_run_resumes_to_the_same_adapter_and_curves(tmp_path, tiny):
 
 
 def test_loss_watchdog_exits_1_with_its_message(tmp_path, tiny):
-    root = project(tmp_path / "p", tiny, quant={"load_in_4bit": False},
-                   train={**RESUMABLE, "loss_watchdog_threshold": 1.0, "loss_watchdog_patience": 2})
+    root = project(
+        tmp_path / "p",
+        tiny,
+        quant={"load_in_4bit": False},
+        train={**RESUMABLE, "loss_watchdog_threshold": 1.0, "loss_watchdog_patience": 2},
+    )
     result = stage(root)
     assert result.returncode == 1
     assert "loss watchdog: training loss stayed above train.loss_watchdog_threshold=1" in result.stderr

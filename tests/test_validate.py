@@ -49,12 +49,19 @@ BAD_CHAT = [
     ('{"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "y"}]}', "not_a_string"),
     ('{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "y"}]}', "empty"),
     ('{"conversations": [{"from": "human", "value": "x"}]}', "no_trainable_turn"),
-    ('{"conversations": [{"from": "human", "value": "x"}, {"from": "system", "value": "s"}, {"from": "gpt", "value": "y"}]}', "misplaced_system"),
+    (
+        '{"conversations": [{"from": "human", "value": "x"}, {"from": "system", "value": "s"}, {"from": "gpt", "value": "y"}]}',
+        "misplaced_system",
+    ),
 ]
-GOOD_ALPACA = ['{"instruction": "Add 2 and 3.", "input": "", "output": "5"}',
-               '{"instruction": "Reverse:", "input": "a b", "output": "b a", "extra": 1}']
-GOOD_CHAT = ['{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}',
-             '{"conversations": [{"from": "HUMAN", "value": "1+1?"}, {"from": "model", "value": "2"}]}']
+GOOD_ALPACA = [
+    '{"instruction": "Add 2 and 3.", "input": "", "output": "5"}',
+    '{"instruction": "Reverse:", "input": "a b", "output": "b a", "extra": 1}',
+]
+GOOD_CHAT = [
+    '{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}',
+    '{"conversations": [{"from": "HUMAN", "value": "1+1?"}, {"from": "model", "value": "2"}]}',
+]
 SHAREGPT = {"field_messages": "conversations", "message_property_mappings": {"role": "from", "content": "value"}}
 
 
@@ -81,7 +88,9 @@ def test_chat_rules_and_role_aliases(tmp_path):
 
 
 def test_custom_role_aliases(tmp_path):
-    (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "customer", "content": "x"}, {"role": "agent", "content": "y"}]}\n')
+    (tmp_path / "c.jsonl").write_text(
+        '{"messages": [{"role": "customer", "content": "x"}, {"role": "agent", "content": "y"}]}\n'
+    )
     cfg = data_config({"path": "c.jsonl", "type": "chat", "roles": {"user": ["customer"], "assistant": ["agent"]}})
     _, rows, _ = run(tmp_path, cfg)
     assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
@@ -90,13 +99,21 @@ def test_custom_role_aliases(tmp_path):
 def test_field_mapping_and_completion(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"q": "Say hi", "a": "hi"}\n')
     (tmp_path / "t.jsonl").write_text('{"body": "Once upon a time."}\n{"body": ""}\n')
-    cfg = data_config({"path": "a.jsonl", "type": "alpaca", "field_instruction": "q", "field_output": "a"},
-                      {"path": "t.jsonl", "type": "completion", "field_text": "body"})
+    cfg = data_config(
+        {"path": "a.jsonl", "type": "alpaca", "field_instruction": "q", "field_output": "a"},
+        {"path": "t.jsonl", "type": "completion", "field_text": "body"},
+    )
     metrics, rows, rejects = run(tmp_path, cfg)
     assert rows[0]["instruction"] == "Say hi" and rows[0]["input"] == "" and rows[0]["output"] == "hi"
     assert rows[1]["text"] == "Once upon a time." and rows[1]["type"] == "completion"
     assert rejects[0]["reason"] == "empty" and rejects[0]["source"] == "t.jsonl"
-    assert metrics["per_source"]["t.jsonl"] == {"read": 2, "kept": 1, "rejected": 1, "duplicates": 0, "rejected_by_reason": {"empty": 1}}
+    assert metrics["per_source"]["t.jsonl"] == {
+        "read": 2,
+        "kept": 1,
+        "rejected": 1,
+        "duplicates": 0,
+        "rejected_by_reason": {"empty": 1},
+    }
 
 
 def test_bom_crlf_and_non_utf8(tmp_path):
@@ -116,13 +133,19 @@ def test_unicode_is_nfc_normalised(tmp_path):
 
 
 def test_duplicates_dropped_and_counted(tmp_path):
-    (tmp_path / "a.jsonl").write_text("\n".join([GOOD_ALPACA[0], GOOD_ALPACA[0].replace('"5"', '"5"  '), GOOD_ALPACA[1]]) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join([GOOD_ALPACA[0], GOOD_ALPACA[0].replace('"5"', '"5"  '), GOOD_ALPACA[1]]) + "\n"
+    )
     (tmp_path / "b.jsonl").write_text(GOOD_ALPACA[1] + "\n")
-    metrics, rows, _ = run(tmp_path, data_config({"path": "a.jsonl", "type": "alpaca"}, {"path": "b.jsonl", "type": "alpaca"}))
+    metrics, rows, _ = run(
+        tmp_path, data_config({"path": "a.jsonl", "type": "alpaca"}, {"path": "b.jsonl", "type": "alpaca"})
+    )
     assert metrics["duplicates"] == 2 and metrics["kept"] == 2 and metrics["read"] == 4
     dups = [json.loads(x) for x in (tmp_path / "out/duplicates.jsonl").read_text().splitlines()]
-    assert dups == [{"source": "a.jsonl", "line": 2, "duplicate_of": "a.jsonl:1"},
-                    {"source": "b.jsonl", "line": 1, "duplicate_of": "a.jsonl:3"}]
+    assert dups == [
+        {"source": "a.jsonl", "line": 2, "duplicate_of": "a.jsonl:1"},
+        {"source": "b.jsonl", "line": 1, "duplicate_of": "a.jsonl:3"},
+    ]
     metrics, rows, _ = run(tmp_path, data_config({"path": "a.jsonl", "type": "alpaca"}, dedup=False))
     assert metrics["duplicates"] == 0 and metrics["kept"] == 3
 
@@ -133,16 +156,19 @@ def test_on_invalid_error_stops_with_file_and_line(tmp_path):
         run(tmp_path, data_config({"path": "a.jsonl", "type": "alpaca"}, on_invalid="error"))
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("e.jsonl", b"", "file is empty"),
-    ("b.jsonl", b"\n\n  \n", "only blank lines"),
-    ("n.jsonl", b"hello\nworld\n", "not JSON Lines"),
-    ("e.json", b"  ", "file is empty"),
-    ("n.json", b"{broken", "not valid JSON"),
-    ("o.json", b'{"instruction": "x"}', "expected a JSON array"),
-    ("x.parquet", b"PAR1 not really", "not a Parquet file"),
-    ("x.csv", b"instruction,output\ncaf\xe9,x\n", "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("e.jsonl", b"", "file is empty"),
+        ("b.jsonl", b"\n\n  \n", "only blank lines"),
+        ("n.jsonl", b"hello\nworld\n", "not JSON Lines"),
+        ("e.json", b"  ", "file is empty"),
+        ("n.json", b"{broken", "not valid JSON"),
+        ("o.json", b'{"instruction": "x"}', "expected a JSON array"),
+        ("x.parquet", b"PAR1 not really", "not a Parquet file"),
+        ("x.csv", b"instruction,output\ncaf\xe9,x\n", "not valid UTF-8"),
+    ],
+)
 def test_unusable_files_get_a_clear_error(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
@@ -173,7 +199,10 @@ def test_hub_dataset_path_uses_load_dataset(tmp_path):
 
 def test_outputs_are_byte_identical(tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    cfg = data_config({"path": "data/sample/alpaca.jsonl", "type": "alpaca"}, {"path": "data/sample/chat.jsonl", "type": "chat", **SHAREGPT})
+    cfg = data_config(
+        {"path": "data/sample/alpaca.jsonl", "type": "alpaca"},
+        {"path": "data/sample/chat.jsonl", "type": "chat", **SHAREGPT},
+    )
     hashes = []
     for name in ("one", "two"):
         out = tmp_path / name

@@ -1,6 +1,6 @@
 """The `reprotune` command: what users run by hand beside `dvc repro`.
 
-  reprotune check [params.yaml]   every problem with its key path; exit 2 on problems, 0 if clean
+reprotune check [params.yaml]   every problem with its key path; exit 2 on problems, 0 if clean
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def _unpack(table, keep: set[int]) -> list[ValSequence]:
         start = 0
         for n in lens:
             if k in keep:
-                out.append(ValSequence(ids[start:start + n], labels[start:start + n]))
+                out.append(ValSequence(ids[start : start + n], labels[start : start + n]))
             start, k = start + n, k + 1
     return out
 
@@ -144,8 +144,9 @@ def greedy(model, prompt: list[int], max_new_tokens: int, stops: set[int]) -> li
     return out
 
 
-def score_model(model, seqs: list[ValSequence], gens: list[Generation], tokenizer,
-                max_new_tokens: int, stops: set[int]) -> tuple[dict, list[str]]:
+def score_model(
+    model, seqs: list[ValSequence], gens: list[Generation], tokenizer, max_new_tokens: int, stops: set[int]
+) -> tuple[dict, list[str]]:
     """Loss/perplexity/exact match of one model, and its decoded outputs for `gens`."""
     nll, tokens = 0.0, 0
     for seq in seqs:
@@ -180,9 +181,15 @@ def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     return model.to(device).eval()
 
 
-def evaluate(base_dir: Path, tuned_dir: Path, packed_dir: Path, max_sequences: int,
-             max_new_tokens: int, num_samples: int, trust_remote_code: bool = False
-             ) -> tuple[dict, list[dict]]:
+def evaluate(
+    base_dir: Path,
+    tuned_dir: Path,
+    packed_dir: Path,
+    max_sequences: int,
+    max_new_tokens: int,
+    num_samples: int,
+    trust_remote_code: bool = False,
+) -> tuple[dict, list[dict]]:
     """Metrics of base vs tuned, and up to `num_samples` sample generations."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -201,11 +208,20 @@ def evaluate(base_dir: Path, tuned_dir: Path, packed_dir: Path, max_sequences: i
         del model  # one model in memory at a time
         log.info("%s: loss %s, exact match %s", name, results[name]["loss"], results[name]["exact_match"])
 
-    metrics = {**results, "dtype": str(dtype).removeprefix("torch."),
-               "delta_loss": _delta(results, "loss"), "delta_exact_match": _delta(results, "exact_match")}
+    metrics = {
+        **results,
+        "dtype": str(dtype).removeprefix("torch."),
+        "delta_loss": _delta(results, "loss"),
+        "delta_exact_match": _delta(results, "exact_match"),
+    }
     samples = [
-        {"index": g.index, "prompt": tokenizer.decode(g.prompt), "reference": decode(tokenizer, g.reference),
-         "base": outputs["base"][k], "tuned": outputs["tuned"][k]}
+        {
+            "index": g.index,
+            "prompt": tokenizer.decode(g.prompt),
+            "reference": decode(tokenizer, g.reference),
+            "base": outputs["base"][k],
+            "tuned": outputs["tuned"][k],
+        }
         for k, g in enumerate(gens[:num_samples])
     ]
     return metrics, samples

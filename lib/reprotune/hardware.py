@@ -54,7 +54,10 @@ def resolve(bf16: str | bool, fp16: bool, attn: str, compute_dtype: str = "auto"
     return Capabilities(
         device="cuda" if cuda else "cpu",
         device_name=torch.cuda.get_device_name() if cuda else "cpu",
-        bf16=use_bf16, fp16=fp16, compute_dtype=DTYPE_NAMES[compute_dtype], attn_implementation=attn,
+        bf16=use_bf16,
+        fp16=fp16,
+        compute_dtype=DTYPE_NAMES[compute_dtype],
+        attn_implementation=attn,
     )
 
 

@@ -72,11 +72,20 @@ ADAPTER_PREFIX = "base_model.model."  # peft's prefix on every saved adapter ten
 # Files of the base folder not copied as they are: weights are rewritten, config.json gets the new
 # dtype, and the base's provenance record describes the base, not the merge.
 NOT_COPIED = re.compile(r".*\.safetensors|model\.safetensors\.index\.json|config\.json|reprotune_base\.json")
-TOKENIZER_FILES = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\..*"
-                             r"|vocab\.(json|txt)|merges\.txt|.*\.model|.*\.tiktoken")
+TOKENIZER_FILES = re.compile(
+    r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\..*"
+    r"|vocab\.(json|txt)|merges\.txt|.*\.model|.*\.tiktoken"
+)
 # Any value of these adapter settings other than the one listed changes the merge math.
-PLAIN_SETTINGS = {"peft_type": "LORA", "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
-                  "trainable_token_indices": None, "target_parameters": None, "layer_replication": None}
+PLAIN_SETTINGS = {
+    "peft_type": "LORA",
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "layer_replication": None,
+}
 FALLBACK_SEQUENCE_LEN = 64
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}  # decimal, as save_pretrained's max_shard_size
 # Verification keeps the reference logits (tokens x vocab, fp32) in memory: 4 x 256 tokens of a
@@ -86,6 +95,7 @@ VERIFY_MAX_TOKENS = 256
 
 
 # ----------------------------------------------------------------------------- dtype
+
 
 def resolve_dtype(name: str, base_dir: Path) -> torch.dtype:
     """The merge dtype for merge.dtype `name` (auto: bf16 on CUDA sm80+, else the base's stored dtype)."""
@@ -100,6 +110,7 @@ def resolve_dtype(name: str, base_dir: Path) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- adapter
+
 
 @dataclass(frozen=True)
 class LoraDelta:
@@ -133,8 +144,13 @@ class Adapter:
     checkpoint's tensor, before the delta is added, as PeftModel.from_pretrained does."""
 
 
-LORA_PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A_emb",
-              ".lora_embedding_B": "B_emb", ".lora_magnitude_vector": "magnitude"}
+LORA_PARTS = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_embedding_A": "A_emb",
+    ".lora_embedding_B": "B_emb",
+    ".lora_magnitude_vector": "magnitude",
+}
 BASE_LAYER = ".base_layer.weight"
 
 
@@ -152,7 +168,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     for key, tensor in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items():
         if not key.startswith(ADAPTER_PREFIX):
             raise ValueError(f"unexpected adapter tensor {key!r} (no {ADAPTER_PREFIX!r} prefix)")
-        key = key[len(ADAPTER_PREFIX):]
+        key = key[len(ADAPTER_PREFIX) :]
         suffix = next((s for s in LORA_PARTS if key.endswith(s)), None)
         if key.endswith(BASE_LAYER):
             base_layers[key[: -len(BASE_LAYER)] + ".weight"] = tensor
@@ -181,6 +197,7 @@ def _delta(module: str, parts: dict[str, torch.Tensor], config: dict) -> LoraDel
 
 # ----------------------------------------------------------------------------- streaming merge
 
+
 def parse_size(text: str) -> int:
     """Bytes in an export.max_shard_size such as 500MB or 1.5GB (the schema checked the form)."""
     return int(float(text[:-2]) * SIZE_UNITS[text[-2:]])
@@ -204,8 +221,7 @@ def shard_names(n: int) -> list[str]:
     return [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def merge_weights(base_dir: Path, adapter: Adapter, out_dir: Path, dtype: torch.dtype,
-                  max_shard_bytes: int) -> dict:
+def merge_weights(base_dir: Path, adapter: Adapter, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
     """Write the merged safetensors shards (+ index) into `out_dir`; returns counts."""
     refs = read_index(base_dir)
     unknown = sorted((set(adapter.deltas) | set(adapter.replacements) | set(adapter.base_layers)) - set(refs))
@@ -273,6 +289,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype, 
 
 # ----------------------------------------------------------------------------- verification
 
+
 def verify_inputs(packed_dir: Path, n: int, vocab_size: int) -> list[list[int]]:
     """Token ids of the first `n` validation sequences (at most VERIFY_MAX_TOKENS each), or one fixed
     sequence without a val split."""
@@ -288,16 +305,18 @@ def verify_inputs(packed_dir: Path, n: int, vocab_size: int) -> list[list[int]]:
 @torch.no_grad()
 def logits_of(model, seqs: list[list[int]]) -> list[torch.Tensor]:
     """fp32 logits (len, vocab) of each sequence, scored alone, on the CPU."""
-    return [model(input_ids=torch.tensor([s], device=model.device), use_cache=False).logits[0].float().cpu()
-            for s in seqs]
+    return [
+        model(input_ids=torch.tensor([s], device=model.device), use_cache=False).logits[0].float().cpu() for s in seqs
+    ]
 
 
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def reference_logits(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, seqs: list[list[int]],
-                     trust_remote_code: bool) -> tuple[list[torch.Tensor], float]:
+def reference_logits(
+    base_dir: Path, adapter_dir: Path, dtype: torch.dtype, seqs: list[list[int]], trust_remote_code: bool
+) -> tuple[list[torch.Tensor], float]:
     """Logits of the unmerged PeftModel(base, adapter), what the merge must reproduce, and the noise
     floor: max |delta| of peft's own in-place merge_and_unload against them, in this dtype."""
     from peft import PeftModel
@@ -309,24 +328,47 @@ def reference_logits(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, seqs
     return unmerged, max_abs_diff(logits_of(model.merge_and_unload(), seqs), unmerged)
 
 
-def verify(merged_dir: Path, reference: list[torch.Tensor], noise_floor: float, dtype: torch.dtype,
-           seqs: list[list[int]], trust_remote_code: bool) -> dict:
+def verify(
+    merged_dir: Path,
+    reference: list[torch.Tensor],
+    noise_floor: float,
+    dtype: torch.dtype,
+    seqs: list[list[int]],
+    trust_remote_code: bool,
+) -> dict:
     """Compare the merged checkpoint's logits with `reference`; raise when they differ."""
     from reprotune.evaluate import load_model
 
     max_abs = max_abs_diff(logits_of(load_model(merged_dir, dtype, trust_remote_code), seqs), reference)
     scale = max(float(r.abs().max()) for r in reference)
     tolerance = max(RTOL[dtype] * max(1.0, scale), NOISE_MARGIN * noise_floor)
-    result = {"max_abs_diff": max_abs, "logit_scale": scale, "rtol": RTOL[dtype], "noise_floor": noise_floor,
-              "tolerance": tolerance, "verify_sequences": len(seqs), "verify_tokens": sum(map(len, seqs))}
+    result = {
+        "max_abs_diff": max_abs,
+        "logit_scale": scale,
+        "rtol": RTOL[dtype],
+        "noise_floor": noise_floor,
+        "tolerance": tolerance,
+        "verify_sequences": len(seqs),
+        "verify_tokens": sum(map(len, seqs)),
+    }
     if not max_abs <= tolerance:  # also catches NaN
-        raise RuntimeError(f"merged logits differ from base+adapter logits: max |delta| {max_abs:.3g} "
-                           f"> tolerance {tolerance:.3g} ({dtype}); nothing was written")
+        raise RuntimeError(
+            f"merged logits differ from base+adapter logits: max |delta| {max_abs:.3g} "
+            f"> tolerance {tolerance:.3g} ({dtype}); nothing was written"
+        )
     return result
 
 
-def merge_and_verify(base_dir: Path, adapter_dir: Path, packed_dir: Path, out_dir: Path, dtype_name: str,
-                     verify_sequences: int, max_shard_size: str, trust_remote_code: bool = False) -> dict:
+def merge_and_verify(
+    base_dir: Path,
+    adapter_dir: Path,
+    packed_dir: Path,
+    out_dir: Path,
+    dtype_name: str,
+    verify_sequences: int,
+    max_shard_size: str,
+    trust_remote_code: bool = False,
+) -> dict:
     """Merge into the empty `out_dir` and verify it; returns the metrics of metrics/merge.json."""
     start = time.perf_counter()
     dtype = resolve_dtype(dtype_name, base_dir)
@@ -335,8 +377,19 @@ def merge_and_verify(base_dir: Path, adapter_dir: Path, packed_dir: Path, out_di
     reference, noise_floor = reference_logits(base_dir, adapter_dir, dtype, seqs, trust_remote_code)
     counts = merge(base_dir, adapter_dir, out_dir, dtype, parse_size(max_shard_size))
     check = verify(out_dir, reference, noise_floor, dtype, seqs, trust_remote_code)
-    log.info("merged %d tensors into %d shard(s), %s; max |logit delta| %.3g <= %.3g",
-             counts["merged_tensors"], counts["shards"], dtype, check["max_abs_diff"], check["tolerance"])
-    return {**counts, **check, "dtype": str(dtype).removeprefix("torch."),
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "seconds": round(time.perf_counter() - start, 3)}
+    log.info(
+        "merged %d tensors into %d shard(s), %s; max |logit delta| %.3g <= %.3g",
+        counts["merged_tensors"],
+        counts["shards"],
+        dtype,
+        check["max_abs_diff"],
+        check["tolerance"],
+    )
+    return {
+        **counts,
+        **check,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+        "seconds": round(time.perf_counter() - start, 3),
+    }

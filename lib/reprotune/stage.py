@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from reprotune.config import EXIT_BAD_INPUT, Params, load_params
 from reprotune.config.declared import declared_params, restrict
 from reprotune.errors import BadInput
 
 
-def run_stage(name: str, body: Callable[[Params], None], params_path: str | Path = "params.yaml",
-              dvc_yaml: str | Path = "dvc.yaml") -> None:
+def run_stage(
+    name: str,
+    body: Callable[[Params], None],
+    params_path: str | Path = "params.yaml",
+    dvc_yaml: str | Path = "dvc.yaml",
+) -> None:
     """Check all params, then run `body` on a view holding only the keys dvc.yaml declares for `name`.
 
     Bad input exits 2 with its message before anything is loaded or written.

@@ -13,11 +13,12 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import yaml
@@ -113,6 +114,7 @@ def check_params(raw: dict, repo_root: Path = Path(".")) -> tuple[dict, list[Pro
 
 # -- 1. unknown keys --------------------------------------------------------------------------
 
+
 def unknown_keys(value: Any, node: dict, where: tuple) -> Iterator[tuple[tuple, Problem]]:
     """Keys the schema does not know, with the nearest known key as a suggestion."""
     node = _resolve(node)
@@ -131,6 +133,7 @@ def unknown_keys(value: Any, node: dict, where: tuple) -> Iterator[tuple[tuple, 
 
 
 # -- 2. schema --------------------------------------------------------------------------------
+
 
 def schema_problems(raw: dict) -> list[tuple[tuple, Problem]]:
     """Type, range and enum problems; unknown keys are left to `unknown_keys`."""
@@ -170,12 +173,20 @@ def _error_message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
-               "array": "a list", "object": "a mapping", "null": "null"}
+_TYPE_NAMES = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+}
 _BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
 
 
 # -- 3. defaults ------------------------------------------------------------------------------
+
 
 def fill_defaults(value: Any, node: dict) -> Any:
     """A copy of `value` with every missing key set to its schema default (recursively)."""
@@ -195,6 +206,7 @@ def fill_defaults(value: Any, node: dict) -> Any:
 
 # -- 4. cross-field rules ---------------------------------------------------------------------
 
+
 def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
     """Rules that involve more than one key, or the file system."""
     yield from _base_problems(p["base"], root)
@@ -206,12 +218,16 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
         yield from _dataset_problems(given, ds, f"data.datasets[{i}]", root)
     tok, train, lora = p["tokenize"], p["train"], p["lora"]
     if tok["val_set_size"] >= 1 and tok["val_set_size"] != int(tok["val_set_size"]):
-        yield Problem("tokenize.val_set_size", f"got {_show(tok['val_set_size'])}; "
-                      "a fraction must be below 1, a count must be a whole number")
+        yield Problem(
+            "tokenize.val_set_size",
+            f"got {_show(tok['val_set_size'])}; a fraction must be below 1, a count must be a whole number",
+        )
     max_positions = BUILTIN_MAX_POSITIONS.get(p["base"]["model"])
     if max_positions and tok["sequence_len"] > max_positions:
-        yield Problem("tokenize.sequence_len", f"got {tok['sequence_len']}; the built-in model takes "
-                      f"at most {max_positions} positions")
+        yield Problem(
+            "tokenize.sequence_len",
+            f"got {tok['sequence_len']}; the built-in model takes at most {max_positions} positions",
+        )
     if train["warmup_ratio"] is not None and train["warmup_steps"] is not None:
         yield Problem("train.warmup_steps", "set warmup_steps or warmup_ratio, not both")
     if train["bf16"] is True and train["fp16"]:
@@ -221,8 +237,11 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
     if not lora["target_linear"] and lora["target_modules"] is None:
         yield Problem("lora.target_modules", "nothing to adapt: set target_linear: true or list target_modules")
     if "safetensors" not in p["export"]["formats"]:
-        yield Problem("export.formats", f"got {_show(p['export']['formats'])}; safetensors is always "
-                      "exported, list it (gguf is the optional extra)")
+        yield Problem(
+            "export.formats",
+            f"got {_show(p['export']['formats'])}; safetensors is always "
+            "exported, list it (gguf is the optional extra)",
+        )
 
 
 def _base_problems(base: dict, root: Path) -> Iterator[Problem]:
@@ -234,17 +253,26 @@ def _base_problems(base: dict, root: Path) -> Iterator[Problem]:
             yield Problem("base.revision", "applies to hub ids only; remove it for a built-in model")
     elif (root / model).exists():
         if not _is_under(root / model, root / LOCAL_MODELS_DIR):
-            yield Problem("base.model", f"local model folders must lie under {LOCAL_MODELS_DIR}/ "
-                          "(the base stage's declared dependency, so edits rerun it)")
+            yield Problem(
+                "base.model",
+                f"local model folders must lie under {LOCAL_MODELS_DIR}/ "
+                "(the base stage's declared dependency, so edits rerun it)",
+            )
         if revision is not None:
             yield Problem("base.revision", "applies to hub ids only; remove it for a local folder")
     elif _HUB_ID.match(model):
         if revision is None:
-            yield Problem("base.revision", f"hub id {_show(model)} must be pinned: set a branch, tag or "
-                          "commit (it is resolved to a commit sha); or, for a local folder: it does not exist")
+            yield Problem(
+                "base.revision",
+                f"hub id {_show(model)} must be pinned: set a branch, tag or "
+                "commit (it is resolved to a commit sha); or, for a local folder: it does not exist",
+            )
     else:
-        yield Problem("base.model", f"got {_show(model)}; not a built-in name ({', '.join(BUILTIN_MODELS)}), "
-                      "an existing local folder, or a hub id org/name")
+        yield Problem(
+            "base.model",
+            f"got {_show(model)}; not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            "an existing local folder, or a hub id org/name",
+        )
 
 
 def _dataset_problems(raw: dict, ds: dict, path: str, root: Path) -> Iterator[Problem]:
@@ -257,11 +285,16 @@ def _dataset_problems(raw: dict, ds: dict, path: str, root: Path) -> Iterator[Pr
     suffix = Path(source).suffix.lower()
     if (root / source).is_file():
         if not any(_is_under(root / source, root / d) for d in DATA_DIRS):
-            yield Problem(f"{path}.path", f"got {_show(source)}; local data files must lie under "
-                          f"{' or '.join(d + '/' for d in DATA_DIRS)} (the validate stage's declared "
-                          "dependencies, so edits rerun it)")
+            yield Problem(
+                f"{path}.path",
+                f"got {_show(source)}; local data files must lie under "
+                f"{' or '.join(d + '/' for d in DATA_DIRS)} (the validate stage's declared "
+                "dependencies, so edits rerun it)",
+            )
         if suffix not in DATA_SUFFIXES:
-            yield Problem(f"{path}.path", f"got {_show(source)}; unknown file type, allowed: {', '.join(DATA_SUFFIXES)}")
+            yield Problem(
+                f"{path}.path", f"got {_show(source)}; unknown file type, allowed: {', '.join(DATA_SUFFIXES)}"
+            )
     elif (root / source).exists():
         yield Problem(f"{path}.path", f"got {_show(source)}; a folder, expected a file")
     elif suffix in DATA_SUFFIXES or not _HUB_ID.match(source):
@@ -269,6 +302,7 @@ def _dataset_problems(raw: dict, ds: dict, path: str, root: Path) -> Iterator[Pr
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
 
 def _resolve(node: dict) -> dict:
     ref = node.get("$ref")
@@ -306,7 +340,9 @@ def _show(value: Any) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(type(value), type(value).__name__)
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _is_under(path: Path, parent: Path) -> bool:

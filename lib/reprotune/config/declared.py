@@ -56,9 +56,11 @@ class _View:
             return value
         if any(k.startswith(path + ".") for k in self._keys):
             return _View(value, self._keys, self._stage, path + ".")
-        raise UndeclaredParam(f"stage {self._stage!r} read params key {path!r}, which its dvc.yaml "
-                              "entry does not list under params: add it there, or DVC will not rerun "
-                              "the stage when it changes")
+        raise UndeclaredParam(
+            f"stage {self._stage!r} read params key {path!r}, which its dvc.yaml "
+            "entry does not list under params: add it there, or DVC will not rerun "
+            "the stage when it changes"
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"cannot assign to params key {self._prefix}{name}")

@@ -229,8 +229,14 @@ def _dataset(raw: dict) -> DatasetConfig:
 
 
 SECTION_TYPES: dict[str, type] = {
-    "base": BaseConfig, "data": DataConfig, "tokenize": TokenizeConfig, "quant": QuantConfig,
-    "lora": LoraConfig, "train": TrainConfig, "merge": MergeConfig, "evaluate": EvaluateConfig,
+    "base": BaseConfig,
+    "data": DataConfig,
+    "tokenize": TokenizeConfig,
+    "quant": QuantConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "merge": MergeConfig,
+    "evaluate": EvaluateConfig,
     "export": ExportConfig,
 }
 

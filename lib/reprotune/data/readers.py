@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from reprotune.errors import BadInput
 
@@ -54,7 +55,7 @@ def read_jsonl(path: Path, source: str) -> Iterator[RawRecord]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
+                raw = raw[len(BOM) :]
             if not raw.strip():
                 continue  # blank lines are layout, not records
             item = _parse_line(raw, source, number)
@@ -62,7 +63,10 @@ def read_jsonl(path: Path, source: str) -> Iterator[RawRecord]:
             failed += item.error is not None
             yield item
     if parsed == 0:
-        raise DataError(f"{source}: no JSON records found" + (f" ({failed} unparsable lines): not JSON Lines" if failed else ": file holds only blank lines"))
+        raise DataError(
+            f"{source}: no JSON records found"
+            + (f" ({failed} unparsable lines): not JSON Lines" if failed else ": file holds only blank lines")
+        )
 
 
 def _parse_line(raw: bytes, source: str, number: int) -> RawRecord:
@@ -74,7 +78,9 @@ def _parse_line(raw: bytes, source: str, number: int) -> RawRecord:
     try:
         return RawRecord(source, number, json.loads(text))
     except json.JSONDecodeError as e:
-        return RawRecord(source, number, None, ("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}"), text.rstrip("\r\n"))
+        return RawRecord(
+            source, number, None, ("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}"), text.rstrip("\r\n")
+        )
 
 
 def read_json(path: Path, source: str) -> Iterator[RawRecord]:

@@ -21,8 +21,16 @@ from reprotune.config.sections import DatasetConfig
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 # Role names seen in the wild (ShareGPT, Gemini, OpenAI functions) -> canonical role.
 KNOWN_ROLE_ALIASES = {
-    "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-    "bot": "assistant", "model": "assistant", "tool": "tool", "function": "tool", "ipython": "tool",
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "ipython": "tool",
 }
 COLUMNS = ("id", "source", "line", "type", "system", "instruction", "input", "output", "messages", "text")
 
@@ -41,8 +49,16 @@ def normalise(record: Any, ds: DatasetConfig) -> dict:
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(record).__name__}")
     fields = {"alpaca": _alpaca, "chat": _chat, "completion": _completion}[ds.type](record, ds)
-    return {"type": ds.type, "system": None, "instruction": None, "input": None, "output": None,
-            "messages": None, "text": None, **fields}
+    return {
+        "type": ds.type,
+        "system": None,
+        "instruction": None,
+        "input": None,
+        "output": None,
+        "messages": None,
+        "text": None,
+        **fields,
+    }
 
 
 def record_id(canonical: dict) -> str:
@@ -87,7 +103,9 @@ def _message(m: Any, i: int, role_key: str, content_key: str, aliases: dict) -> 
     role = m.get(role_key)
     if not isinstance(role, str) or role.lower() not in aliases:
         known = ", ".join(sorted(aliases))
-        raise RecordError("unknown_role", f"message {i}: role {json.dumps(role)} (key '{role_key}') is not one of: {known}")
+        raise RecordError(
+            "unknown_role", f"message {i}: role {json.dumps(role)} (key '{role_key}') is not one of: {known}"
+        )
     content = m.get(content_key)
     if not isinstance(content, str):
         raise RecordError("not_a_string", f"message {i}: '{content_key}' must be a string, got {_kind(content)}")

@@ -29,11 +29,20 @@ from reprotune.data.rules import COLUMNS, RecordError, normalise, record_id
 log = logging.getLogger(__name__)
 ROW_GROUP = 10_000
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("line", pa.int64()), ("type", pa.string()),
-    ("system", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("output", pa.string()),
-    ("messages", pa.list_(MESSAGE)), ("text", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("type", pa.string()),
+        ("system", pa.string()),
+        ("instruction", pa.string()),
+        ("input", pa.string()),
+        ("output", pa.string()),
+        ("messages", pa.list_(MESSAGE)),
+        ("text", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -45,21 +54,30 @@ class Counts:
     by_reason: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {"read": self.read, "kept": self.kept, "rejected": self.rejected,
-                "duplicates": self.duplicates, "rejected_by_reason": dict(sorted(self.by_reason.items()))}
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "rejected": self.rejected,
+            "duplicates": self.duplicates,
+            "rejected_by_reason": dict(sorted(self.by_reason.items())),
+        }
 
 
 def validate(cfg: DataConfig, root: Path, out_dir: Path) -> dict:
     """Validate every dataset in `cfg` into `out_dir`; returns metrics (totals and per source)."""
     total, per_source, seen = Counts(), {}, {}
-    with pq.ParquetWriter(out_dir / "records.parquet", SCHEMA, compression="zstd") as writer, \
-            open(out_dir / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rejects, \
-            open(out_dir / "duplicates.jsonl", "w", encoding="utf-8", newline="\n") as duplicates:
+    with (
+        pq.ParquetWriter(out_dir / "records.parquet", SCHEMA, compression="zstd") as writer,
+        open(out_dir / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rejects,
+        open(out_dir / "duplicates.jsonl", "w", encoding="utf-8", newline="\n") as duplicates,
+    ):
         sink = _Sink(writer, rejects, duplicates, cfg.on_invalid)
         for ds in cfg.datasets:
             counts = per_source.setdefault(ds.path, Counts())
             log.info("validating %s (%s)", ds.path, ds.type)
-            for raw in tqdm(read_source(ds.path, root, ds.split), desc=f"validate {ds.path}", unit="rec", mininterval=2):
+            for raw in tqdm(
+                read_source(ds.path, root, ds.split), desc=f"validate {ds.path}", unit="rec", mininterval=2
+            ):
                 sink.take(raw, ds, counts, seen if cfg.dedup else None)
         sink.flush()
     for counts in per_source.values():
@@ -92,7 +110,9 @@ class _Sink:
             first = seen.setdefault(bytes.fromhex(row["id"]), (raw.source, raw.line))
             if first != (raw.source, raw.line):
                 counts.duplicates += 1
-                _write_line(self.duplicates, {"source": raw.source, "line": raw.line, "duplicate_of": f"{first[0]}:{first[1]}"})
+                _write_line(
+                    self.duplicates, {"source": raw.source, "line": raw.line, "duplicate_of": f"{first[0]}:{first[1]}"}
+                )
                 return
         counts.kept += 1
         self.rows.append({**row, "source": raw.source, "line": raw.line})

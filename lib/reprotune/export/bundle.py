@@ -38,8 +38,14 @@ def read_metrics(files: list[Path]) -> dict[str, dict]:
     return {Path(p).stem: json.loads(Path(p).read_text(encoding="utf-8")) for p in files if Path(p).is_file()}
 
 
-def build_export(params: Any, merged_dir: Path, provenance_file: Path, metrics_files: list[Path], out_dir: Path,
-                 root: Path = Path(".")) -> dict:
+def build_export(
+    params: Any,
+    merged_dir: Path,
+    provenance_file: Path,
+    metrics_files: list[Path],
+    out_dir: Path,
+    root: Path = Path("."),
+) -> dict:
     """Fill the existing empty `out_dir`; returns a summary (files, bytes, formats).
 
     `metrics_files` are read by name, not globbed, so the card holds exactly the stage's declared deps.
@@ -55,8 +61,9 @@ def build_export(params: Any, merged_dir: Path, provenance_file: Path, metrics_f
         dtype = params.export.gguf_dtype
         write_gguf(merged_dir, Path(out_dir) / f"model.{dtype}.gguf", dtype, model_title(provenance["model"]))
     files = sorted(p.name for p in Path(out_dir).iterdir())
-    card = render_card(params, provenance, dataset_hashes(params, root), files, read_metrics(metrics_files),
-                       __version__)
+    card = render_card(
+        params, provenance, dataset_hashes(params, root), files, read_metrics(metrics_files), __version__
+    )
     with atomic_file(Path(out_dir) / "README.md") as f:
         f.write(card)
     manifest = write_manifest(out_dir)

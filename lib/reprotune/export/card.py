@@ -38,8 +38,9 @@ SECTIONS = ("base", "data", "tokenize", "quant", "lora", "train", "merge", "eval
 def scrub(text: str, env: dict[str, str] | None = None) -> str:
     """`text` without secret-named environment values, HF tokens and absolute paths."""
     env = os.environ if env is None else env
-    secrets = sorted((v for k, v in env.items() if SECRET_ENV.search(k) and len(v) >= MIN_SECRET_LEN),
-                     key=len, reverse=True)  # longest first: a secret containing another goes whole
+    secrets = sorted(
+        (v for k, v in env.items() if SECRET_ENV.search(k) and len(v) >= MIN_SECRET_LEN), key=len, reverse=True
+    )  # longest first: a secret containing another goes whole
     for value in secrets:
         text = text.replace(value, "<redacted>")
     text = HF_TOKEN.sub("<redacted>", text)
@@ -48,6 +49,7 @@ def scrub(text: str, env: dict[str, str] | None = None) -> str:
 
 def params_dict(params: Any) -> dict:
     """All params sections as plain data (lists, not tuples) in schema order."""
+
     def plain(x: Any) -> Any:
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
@@ -82,8 +84,9 @@ def model_title(model: str) -> str:
     return re.split(r"[/:]", model.rstrip("/"))[-1]
 
 
-def render_card(params: Any, provenance: dict, data_files: list[dict], files: list[str],
-                metrics: dict[str, dict], version: str) -> str:
+def render_card(
+    params: Any, provenance: dict, data_files: list[dict], files: list[str], metrics: dict[str, dict], version: str
+) -> str:
     """The scrubbed README.md text."""
     model = provenance.get("model", params.base.model)
     title = model_title(model)
@@ -92,34 +95,54 @@ def render_card(params: Any, provenance: dict, data_files: list[dict], files: li
     if provenance.get("source") == "hub":
         front["base_model"] = model
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-        f"# {title}, fine-tuned with reprotune", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {title}, fine-tuned with reprotune",
+        "",
         f"A LoRA fine-tune of `{model}` merged into its weights, produced by the reprotune {version} "
         "DVC pipeline (validate, tokenize, train, merge, evaluate, export). Every input below is pinned, "
-        "so `dvc repro` with these params, data and base gives these files again.", "",
-        "## Base model", "",
-        "| field | value |", "| --- | --- |",
+        "so `dvc repro` with these params, data and base gives these files again.",
+        "",
+        "## Base model",
+        "",
+        "| field | value |",
+        "| --- | --- |",
         f"| model | `{model}` |",
         f"| source | {provenance.get('source', 'unknown')} |",
         f"| revision | {_code(provenance.get('revision'))} |",
-        f"| commit | {_code(provenance.get('commit_sha'))} |", "",
-        "## Training data", "",
-        "| file | type | sha256 |", "| --- | --- | --- |",
-        *[f"| `{d['path']}` | {d['type']} | {_code(d['sha256'])} |" for d in data_files], "",
-        "## Files", "",
+        f"| commit | {_code(provenance.get('commit_sha'))} |",
+        "",
+        "## Training data",
+        "",
+        "| file | type | sha256 |",
+        "| --- | --- | --- |",
+        *[f"| `{d['path']}` | {d['type']} | {_code(d['sha256'])} |" for d in data_files],
+        "",
+        "## Files",
+        "",
         *[f"- `{f}`" for f in files],
         "- `manifest.json`: SHA-256 of every other file; check with "
         "`python -c \"from reprotune.export.manifest import verify_manifest; verify_manifest('.')\"` "
-        "or `sha256sum`.", "",
-        "## Metrics", "",
+        "or `sha256sum`.",
+        "",
+        "## Metrics",
+        "",
     ]
     rows = flat_metrics(metrics)
     table = ["| metric | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows]]
     lines += table if rows else ["No metrics were found."]
     lines += [
-        "", "## Params", "",
-        "The complete params.yaml that produced this model, defaults filled in:", "",
-        "```yaml", yaml.safe_dump(params_dict(params), sort_keys=False, allow_unicode=True).rstrip(), "```", "",
+        "",
+        "## Params",
+        "",
+        "The complete params.yaml that produced this model, defaults filled in:",
+        "",
+        "```yaml",
+        yaml.safe_dump(params_dict(params), sort_keys=False, allow_unicode=True).rstrip(),
+        "```",
+        "",
     ]
     return scrub("\n".join(lines))
 

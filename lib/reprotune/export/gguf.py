@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 ARCH = "llama"
 GGUF_DTYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16), "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 LAYER_NAMES = {
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
@@ -49,8 +52,10 @@ LAYER_NAMES = {
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }  # fmt: skip
 # Pre-tokenizer regexes llama.cpp knows by name; anything else gets its generic "default" splitter.
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 class GGUFUnsupported(BadInput):
@@ -79,8 +84,10 @@ def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def check_llama(config: dict) -> None:
     """GGUFUnsupported unless the checkpoint is a Llama the writer can convert exactly."""
     if config.get("model_type") != "llama":
-        raise GGUFUnsupported(f"GGUF export supports Llama-architecture models only, not "
-                              f"{config.get('model_type')!r}; use llama.cpp's convert_hf_to_gguf.py")
+        raise GGUFUnsupported(
+            f"GGUF export supports Llama-architecture models only, not "
+            f"{config.get('model_type')!r}; use llama.cpp's convert_hf_to_gguf.py"
+        )
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise GGUFUnsupported(f"GGUF export does not write rope scaling {rope!r}; use llama.cpp's converter")
@@ -161,9 +168,11 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) ->
     writer.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(n)])
     writer.add_token_types([int(types.get(i, gguf.TokenType.UNUSED)) for i in range(n)])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
-                          (writer.add_eos_token_id, tokenizer.eos_token_id),
-                          (writer.add_pad_token_id, tokenizer.pad_token_id)):
+    for add, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
         if token_id is not None:
             add(token_id)
     for token_id in _extra_stop_ids(model_dir, tokenizer.eos_token_id)[:1]:  # GGUF holds one EOT id

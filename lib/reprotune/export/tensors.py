@@ -18,9 +18,9 @@ import json
 import math
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -73,8 +73,9 @@ def read_tensor(ref: TensorRef, handle) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=ref.dtype).reshape(ref.shape)
 
 
-def write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                      tensors: Iterable[torch.Tensor]) -> None:
+def write_safetensors(
+    path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterable[torch.Tensor]
+) -> None:
     """Write a safetensors file: header from `specs` (name, dtype, shape), then `tensors` in that order."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0

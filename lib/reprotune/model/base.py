@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import fnmatch
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reprotune.config.check import BUILTIN_PREFIX
 from reprotune.io import sha256_tree, write_json
@@ -64,7 +65,7 @@ def resolve_base(
 
 
 def _from_builtin(model: str, out_dir: Path) -> dict[str, Any]:
-    name = model[len(BUILTIN_PREFIX):]
+    name = model[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_MODELS))
         raise ValueError(f"unknown built-in model {model!r}; known: {known}")
@@ -88,13 +89,9 @@ def _from_local(model: str, src: Path, out_dir: Path, trust_remote_code: bool) -
 
 def _from_hub(model: str, revision: str | None, out_dir: Path, trust_remote_code: bool) -> dict[str, Any]:
     if model.count("/") != 1 or model.startswith(("/", ".")):
-        raise ValueError(
-            f"base model {model!r} is neither builtin:<name>, an existing folder, nor a hub id org/name"
-        )
+        raise ValueError(f"base model {model!r} is neither builtin:<name>, an existing folder, nor a hub id org/name")
     if not revision:
-        raise ValueError(
-            f"hub model {model!r} needs a revision (a commit sha, tag or branch) to be reproducible"
-        )
+        raise ValueError(f"hub model {model!r} needs a revision (a commit sha, tag or branch) to be reproducible")
     from huggingface_hub import HfApi, snapshot_download
 
     sha = HfApi().model_info(model, revision=revision).sha

@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from reprotune.config.check import BUILTIN_MAX_POSITIONS
 

@@ -44,10 +44,10 @@ import os
 import shutil
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -90,8 +90,9 @@ def encode_batch(encoder: PromptEncoder, start: int, records: list[dict]) -> Bat
     ids = np.fromiter(chain.from_iterable(s.input_ids for s in seqs), np.int32, total)
     # trained ranges -> (tokens,) mask: +1 at each range start, -1 at its end, running sum > 0
     offsets = (np.cumsum(lengths) - lengths).tolist()
-    ranges = np.array([(o + a, o + b) for o, s in zip(offsets, seqs) for a, b in s.trained],
-                      dtype=np.int64).reshape(-1, 2)  # (ranges, 2) [start, end) in the batch's tokens
+    ranges = np.array([(o + a, o + b) for o, s in zip(offsets, seqs) for a, b in s.trained], dtype=np.int64).reshape(
+        -1, 2
+    )  # (ranges, 2) [start, end) in the batch's tokens
     edges = np.bincount(ranges[:, 0], minlength=total + 1) - np.bincount(ranges[:, 1], minlength=total + 1)
     mask = np.cumsum(edges[:total]) > 0
     return Batch(
@@ -159,6 +160,7 @@ def _tasks(records_path: Path, batch_size: int) -> Iterator[tuple[int, list[dict
 
 # ----------------------------------------------------------------------------- spill
 
+
 class Spill:
     """Tokenized sequences in two raw int32 files; per-sequence figures in memory."""
 
@@ -190,6 +192,7 @@ class Spill:
 
 
 # ----------------------------------------------------------------------------- split, rows, writing
+
 
 def split_records(n: int, val_set_size: float, rng: np.random.Generator) -> np.ndarray:
     """(n,) bool, True for validation records: ceil(fraction x n) of them, or a whole count."""
@@ -230,8 +233,8 @@ def make_rows(idx: np.ndarray, lengths: np.ndarray, cfg: TokenizeConfig, rng) ->
 
 def row_group(rows: Rows, r0: int, r1: int, spill: Spill) -> pa.Table:
     """Rows [r0, r1) as a table: sequences gathered from the spill, positions restarting per sequence."""
-    b = rows.bounds[r0:r1 + 1]
-    seqs = rows.seqs[b[0]:b[-1]]
+    b = rows.bounds[r0 : r1 + 1]
+    seqs = rows.seqs[b[0] : b[-1]]
     lens = spill.lengths[seqs].astype(np.int64)  # (sequences,)
     ends = np.cumsum(lens)
     starts = ends - lens  # where each sequence starts in this group's flat arrays
@@ -246,8 +249,9 @@ def row_group(rows: Rows, r0: int, r1: int, spill: Spill) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-def write_split(out_dir: Path, name: str, idx: np.ndarray, n_records: int, spill: Spill,
-                cfg: TokenizeConfig, rng) -> dict:
+def write_split(
+    out_dir: Path, name: str, idx: np.ndarray, n_records: int, spill: Spill, cfg: TokenizeConfig, rng
+) -> dict:
     """Pack (cfg.sample_packing) and write the sequences `idx` in shards; returns the split's figures."""
     rows = make_rows(idx, spill.lengths, cfg, rng)
     files = []
@@ -276,6 +280,7 @@ def write_split(out_dir: Path, name: str, idx: np.ndarray, n_records: int, spill
 
 # ----------------------------------------------------------------------------- the stage core
 
+
 def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir) -> dict:
     """Tokenize, mask, split, pack and write `records_path` into `out_dir`; returns the metrics."""
     t0 = time.perf_counter()
@@ -295,8 +300,10 @@ def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir) -> d
         spill.close()
         seq_val = in_val[spill.record]  # (sequences,) bool
         if seq_val.all():
-            raise TokenizeError(f"no training sequence left out of {n_records} records "
-                            f"({', '.join(f'{k} {counts[k]}' for k in COUNTS)})")
+            raise TokenizeError(
+                f"no training sequence left out of {n_records} records "
+                f"({', '.join(f'{k} {counts[k]}' for k in COUNTS)})"
+            )
         splits = {
             "train": write_split(out_dir, "train", np.flatnonzero(~seq_val), n_records - n_val, spill, cfg, rng),
             "val": write_split(out_dir, "val", np.flatnonzero(seq_val), n_val, spill, cfg, None),
@@ -304,10 +311,15 @@ def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir) -> d
     finally:
         shutil.rmtree(out_dir / SPILL, ignore_errors=True)
     summary = ("files", "rows", "sequences", "tokens", "supervised_tokens")
-    write_json(out_dir / "manifest.json", {
-        "sequence_len": cfg.sequence_len, "packed": cfg.sample_packing, "columns": list(COLUMNS),
-        "splits": {name: {k: fig[k] for k in summary} for name, fig in splits.items()},
-    })
+    write_json(
+        out_dir / "manifest.json",
+        {
+            "sequence_len": cfg.sequence_len,
+            "packed": cfg.sample_packing,
+            "columns": list(COLUMNS),
+            "splits": {name: {k: fig[k] for k in summary} for name, fig in splits.items()},
+        },
+    )
     return _metrics(n_records, splits, counts, cfg.sequence_len, time.perf_counter() - t0)
 
 

@@ -55,6 +55,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- shared helpers
 
+
 def _check_capacity(capacity) -> int:
     # bool is an int subclass; capacity=True is a bug, not 1
     if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
@@ -89,10 +90,11 @@ def _group(placed: np.ndarray, bin_of: np.ndarray, n_bins: int) -> list[np.ndarr
     bounds = np.zeros(n_bins + 1, dtype=np.int64)
     np.cumsum(np.bincount(bin_of, minlength=n_bins), out=bounds[1:])
     b = bounds.tolist()  # plain-int slicing is much cheaper than np.split for 100k+ bins
-    return [items[b[k]:b[k + 1]] for k in range(n_bins)]
+    return [items[b[k] : b[k + 1]] for k in range(n_bins)]
 
 
 # ----------------------------------------------------------------------------- best-fit decreasing
+
 
 def _decreasing_order(lengths: np.ndarray, capacity: int) -> np.ndarray:
     """Indices by decreasing length, ties by ascending index."""
@@ -124,7 +126,7 @@ def _place_run(L: int, count: int, buckets: dict, keys: list, n_bins: int, capac
         if left and full < ids.size:
             # the run ends inside this block: 0 < left < per, so its room stays >= L
             parts.append(np.full(left, ids[full], dtype=np.int64))
-            moves.setdefault(r - left * L, []).append(ids[full:full + 1])
+            moves.setdefault(r - left * L, []).append(ids[full : full + 1])
             full += 1
             left = 0
         if full == ids.size:
@@ -197,6 +199,7 @@ def pack_best_fit_decreasing(lengths, capacity: int) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------------- first-fit (baseline)
 
+
 def _as_order(order, n: int) -> np.ndarray:
     """Validate that `order` is a permutation of range(n)."""
     arr = np.asarray(order)
@@ -251,6 +254,7 @@ def pack_first_fit(lengths, capacity: int, order=None) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- metrics
+
 
 def packing_efficiency(lengths, bins, capacity: int) -> float:
     """Share of the bins' token slots holding real tokens: total tokens / (bins * capacity)."""

@@ -127,7 +127,7 @@ def special_prefix(tokenizer) -> list[int]:
     bare = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
     for k in range(len(full) - len(bare) + 1):
-        if full[k:k + len(bare)] == bare:
+        if full[k : k + len(bare)] == bare:
             return full[:k]
     raise TokenizeError(f"tokenizer {tokenizer.name_or_path!r}: cannot find the text among its special tokens")
 
@@ -154,8 +154,7 @@ class PromptEncoder:
     def encode(self, records: list[dict]) -> Encoded:
         """Sequences of `records` (dicts with the validated columns), length policy applied."""
         rendered = [self.render(r) for r in records]
-        encodings = self.tokenizer.backend_tokenizer.encode_batch(
-            [r.text for r in rendered], add_special_tokens=False)
+        encodings = self.tokenizer.backend_tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
         out = Encoded()
         for i, (record, r, enc) in enumerate(zip(records, rendered, encodings)):
             for seq in self._fit(self._sequence(r, enc), r.chunk, record, out.counts):
@@ -166,9 +165,11 @@ class PromptEncoder:
     def _sequence(self, r: Rendered, enc) -> Sequence:
         """Token ids and trained ranges of one rendered record: [BOS] + text tokens + [EOS]."""
         ids = enc.ids
-        lead = self.prefix if ids[:len(self.prefix)] != self.prefix else []
-        ranges = [(a + len(lead), b + len(lead))
-                  for a, b in filter(None, (_token_range(enc, s, e, len(r.text)) for s, e in r.spans))]
+        lead = self.prefix if ids[: len(self.prefix)] != self.prefix else []
+        ranges = [
+            (a + len(lead), b + len(lead))
+            for a, b in filter(None, (_token_range(enc, s, e, len(r.text)) for s, e in r.spans))
+        ]
         tail = [self.eos] if r.add_eos else []
         ids = lead + ids + tail
         if tail:
@@ -183,8 +184,10 @@ class PromptEncoder:
         elif n <= limit:
             parts = [seq]
         elif self.cfg.excess_length == "error":
-            raise TokenizeError(f"{record['source']}:{record['line']}: {n} tokens, over tokenize.sequence_len "
-                            f"{limit} (tokenize.excess_length is error)")
+            raise TokenizeError(
+                f"{record['source']}:{record['line']}: {n} tokens, over tokenize.sequence_len "
+                f"{limit} (tokenize.excess_length is error)"
+            )
         elif self.cfg.excess_length == "drop":
             counts["dropped_too_long"] += 1
             return []
@@ -218,7 +221,7 @@ class PromptEncoder:
         last = max((i for i, m in enumerate(messages) if m["role"] in self.roles), default=-1)
         spans, start = [], 0
         for i in range(last + 1):  # turns after the last trained one need no span
-            end = len(full) if i == len(messages) - 1 else self._prefix_len(messages[:i + 1], full, record)
+            end = len(full) if i == len(messages) - 1 else self._prefix_len(messages[: i + 1], full, record)
             if messages[i]["role"] in self.roles:
                 content = start + self._header_len(messages[:i], messages[i]["role"], full, start, record)
                 spans.append((content, self._turn_end(full, content, end)))
@@ -227,13 +230,15 @@ class PromptEncoder:
 
     def _apply(self, messages: list[dict], record: dict) -> str:
         if not self.tokenizer.chat_template:
-            raise TokenizeError(f"{record['source']}:{record['line']}: tokenizer "
-                                f"{self.tokenizer.name_or_path!r} has no chat template")
+            raise TokenizeError(
+                f"{record['source']}:{record['line']}: tokenizer {self.tokenizer.name_or_path!r} has no chat template"
+            )
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         except jinja2.TemplateError as e:
-            raise TokenizeError(f"{record['source']}:{record['line']}: chat template of "
-                                f"{self.tokenizer.name_or_path!r} failed: {e}") from e
+            raise TokenizeError(
+                f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} failed: {e}"
+            ) from e
 
     def _prefix_len(self, messages: list[dict], full: str, record: dict) -> int:
         """Length of the first messages' render, which must be a prefix of the whole render."""
@@ -242,7 +247,8 @@ class PromptEncoder:
             raise TokenizeError(
                 f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} "
                 f"renders the first {len(messages)} messages differently once later ones follow, so "
-                "turns cannot be located for label masking; use another template or train_on_inputs")
+                "turns cannot be located for label masking; use another template or train_on_inputs"
+            )
         return len(text)
 
     def _header_len(self, before: list[dict], role: str, full: str, start: int, record: dict) -> int:
@@ -253,7 +259,8 @@ class PromptEncoder:
             raise TokenizeError(
                 f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} "
                 f"does not render a {role!r} message as header + content in place; remove {role!r} from "
-                "tokenize.roles_to_train or use train_on_inputs")
+                "tokenize.roles_to_train or use train_on_inputs"
+            )
         return at - start
 
     def _turn_end(self, full: str, start: int, end: int) -> int:

@@ -27,9 +27,12 @@ def sdpa_packed(module, query, key, value, attention_mask, position_ids=None, **
         raise ValueError(f"{NAME} takes padding-free rows only: batch 1, position_ids, no attention mask")
     tokens = query.shape[2]
     cuts = torch.nonzero(position_ids[0] == 0).flatten().tolist() + [tokens]
-    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
-                                   is_causal=True, **kwargs)[0]
-            for s, e in zip(cuts[:-1], cuts[1:])]
+    outs = [
+        sdpa_attention_forward(
+            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, is_causal=True, **kwargs
+        )[0]
+        for s, e in zip(cuts[:-1], cuts[1:])
+    ]
     return torch.cat(outs, dim=1), None
 
 

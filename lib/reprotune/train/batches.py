@@ -61,7 +61,7 @@ class PackedRows:
         return len(self._columns["input_ids"][1]) - 1
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {name: values[offsets[i]:offsets[i + 1]] for name, (values, offsets) in self._columns.items()}
+        return {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in self._columns.items()}
 
     def _check(self, where: Path) -> None:
         ids_off = self._columns["input_ids"][1]
@@ -69,13 +69,14 @@ class PackedRows:
         seq_values, seq_off = self._columns["seq_lens"]
         # per-row sum of seq_lens: cumulative sums read at the row boundaries
         seq_sums = np.diff(np.concatenate([[0], np.cumsum(seq_values)])[seq_off])
-        bad = np.flatnonzero((seq_sums != lengths) | (np.diff(self._columns["labels"][1]) != lengths)
-                             | (lengths == 0))
+        bad = np.flatnonzero((seq_sums != lengths) | (np.diff(self._columns["labels"][1]) != lengths) | (lengths == 0))
         if len(bad):
             i = int(bad[0])
-            raise PackedDataError(f"{where}: row {i} has {lengths[i]} input_ids, "
-                                  f"{np.diff(self._columns['labels'][1])[i]} labels and seq_lens summing "
-                                  f"to {seq_sums[i]}; they must be equal and non-zero ({len(bad)} bad rows)")
+            raise PackedDataError(
+                f"{where}: row {i} has {lengths[i]} input_ids, "
+                f"{np.diff(self._columns['labels'][1])[i]} labels and seq_lens summing "
+                f"to {seq_sums[i]}; they must be equal and non-zero ({len(bad)} bad rows)"
+            )
 
 
 def _flat(array) -> tuple[np.ndarray, np.ndarray]:
@@ -101,8 +102,10 @@ def collate_padding_free(rows: list[dict]) -> dict:
     labels = _first_tokens_unlabelled(np.concatenate([r["labels"] for r in rows]).astype(np.int64), seq_lens)
     starts = np.cumsum(seq_lens) - seq_lens
     position_ids = np.arange(len(input_ids)) - np.repeat(starts, seq_lens)  # 0..n-1 within each sequence
-    return {name: torch.from_numpy(a).unsqueeze(0)
-            for name, a in (("input_ids", input_ids), ("labels", labels), ("position_ids", position_ids))}
+    return {
+        name: torch.from_numpy(a).unsqueeze(0)
+        for name, a in (("input_ids", input_ids), ("labels", labels), ("position_ids", position_ids))
+    }
 
 
 class PaddedCollator:
@@ -123,5 +126,8 @@ class PaddedCollator:
             input_ids[i, :n] = r["input_ids"]
             labels[i, :n] = _first_tokens_unlabelled(r["labels"], r["seq_lens"])
             mask[i, :n] = 1
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(mask)}
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(mask),
+        }

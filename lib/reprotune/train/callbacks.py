@@ -25,8 +25,12 @@ from transformers.trainer_callback import ExportableState
 from reprotune.train.checkpoints import PREFIX, write_marker
 from reprotune.train.errors import TrainingStopped
 
-CURVES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-          "eval_loss": "eval/loss"}
+CURVES = {
+    "loss": "train/loss",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "eval_loss": "eval/loss",
+}
 
 
 class LossWatchdog(TrainerCallback, ExportableState):
@@ -46,11 +50,11 @@ class LossWatchdog(TrainerCallback, ExportableState):
                 f"loss watchdog: training loss stayed above train.loss_watchdog_threshold="
                 f"{self.threshold:g} for {self.patience} consecutive logs ({shown}) up to step "
                 f"{state.global_step}; training is diverging. Lower train.learning_rate, check the data, "
-                f"or raise/disable the threshold.")
+                f"or raise/disable the threshold."
+            )
 
     def state(self) -> dict:
-        return {"args": {"threshold": self.threshold, "patience": self.patience},
-                "attributes": {"streak": self.streak}}
+        return {"args": {"threshold": self.threshold, "patience": self.patience}, "attributes": {"streak": self.streak}}
 
 
 class SupervisedTokens(TrainerCallback, ExportableState):

@@ -46,7 +46,7 @@ def write_marker(checkpoint: Path, fp: str, step: int) -> None:
 
 
 def step_of(checkpoint: Path) -> int | None:
-    suffix = checkpoint.name[len(PREFIX):]
+    suffix = checkpoint.name[len(PREFIX) :]
     return int(suffix) if checkpoint.name.startswith(PREFIX) and suffix.isdigit() else None
 
 
@@ -60,8 +60,7 @@ def is_complete(checkpoint: Path, fp: str) -> bool:
 
 def select_resume(ckpt_dir: Path, fp: str, prune: bool) -> Path | None:
     """Newest complete checkpoint of this run, or None; with `prune`, delete every other kind."""
-    found = sorted((p for p in Path(ckpt_dir).glob(PREFIX + "*") if p.is_dir() and step_of(p) is not None),
-                   key=step_of)
+    found = sorted((p for p in Path(ckpt_dir).glob(PREFIX + "*") if p.is_dir() and step_of(p) is not None), key=step_of)
     complete = [p for p in found if is_complete(p, fp)]
     if prune:
         for p in found:

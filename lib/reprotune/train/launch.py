@@ -36,11 +36,21 @@ def processes_to_launch(launcher: str) -> int:
 
 def accelerate_command(processes: int, script: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         *(["--multi_gpu"] if processes > 1 else []),
-        "--num_processes", str(processes), "--num_machines", "1",
-        "--mixed_precision", "no",  # the Trainer sets bf16/fp16 from train.bf16 / train.fp16
-        "--dynamo_backend", "no", "--main_process_port", str(port), script,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",  # the Trainer sets bf16/fp16 from train.bf16 / train.fp16
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        script,
     ]
 
 

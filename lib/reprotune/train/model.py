@@ -42,8 +42,10 @@ def load_trainable(base_dir: Path, quant: Any, lora: Any, train: Any, caps: Capa
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model,
+            use_gradient_checkpointing=train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     set_seed(train.seed)  # LoRA A matrices are drawn from the global RNG
     return get_peft_model(model, adapter_config(model, lora))
 
@@ -78,9 +80,15 @@ def adapter_config(model, lora: Any):
     if saved:
         check_names(model, saved, "lora.modules_to_save")
     return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        modules_to_save=saved, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
-        bias="none", task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        modules_to_save=saved,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
 
 
@@ -93,11 +101,16 @@ def linear_leaf_names(model, exclude: str) -> list[str]:
     """Sorted last-name parts of every Linear leaf except `exclude` (e.g. q_proj, ..., down_proj)."""
     import torch
 
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and name != exclude}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != exclude
+    }
     if exclude.rsplit(".", 1)[-1] in names:
-        raise ValueError(f"the output head {exclude!r} shares its name with other Linear layers; "
-                         "set lora.target_linear: false and list lora.target_modules explicitly")
+        raise ValueError(
+            f"the output head {exclude!r} shares its name with other Linear layers; "
+            "set lora.target_linear: false and list lora.target_modules explicitly"
+        )
     return sorted(names)
 
 
@@ -107,5 +120,7 @@ def check_names(model, entries: list[str], key: str) -> None:
     names = [name for name, _ in model.named_modules()]
     for entry in entries:
         if not any(name == entry or name.endswith("." + entry) for name in names):
-            raise BadInput(f"{key}: {entry!r} matches no module of the base model "
-                           f"(linear layers: {', '.join(linear_leaf_names(model, output_head_name(model)))})")
+            raise BadInput(
+                f"{key}: {entry!r} matches no module of the base model "
+                f"(linear layers: {', '.join(linear_leaf_names(model, output_head_name(model)))})"
+            )

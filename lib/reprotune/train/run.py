@@ -29,8 +29,17 @@ CHECKPOINTS = Path("checkpoints/train")
 DVCLIVE = Path("dvclive")
 METRICS = Path("metrics/train.json")
 SECTIONS = ("quant", "lora", "train")
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
-                   "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken")
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.*",
+    "*.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+)
 # transformers' "constant" ignores warmup; "constant_with_warmup" with 0 warmup steps is the same
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 # padded positions are masked out and carry label -100, so any valid id will do
@@ -41,14 +50,16 @@ log = logging.getLogger(__name__)
 
 def params_read(params: Any) -> dict[str, Any]:
     """Every key of the sections this stage reads, dotted (quant.load_in_4bit, ...)."""
-    return {f"{s}.{f.name}": getattr(getattr(params, s), f.name)
-            for s in SECTIONS for f in dataclasses.fields(SECTION_TYPES[s])}
+    return {
+        f"{s}.{f.name}": getattr(getattr(params, s), f.name)
+        for s in SECTIONS
+        for f in dataclasses.fields(SECTION_TYPES[s])
+    }
 
 
 def capabilities(params: Any) -> Capabilities:
     t, q = params.train, params.quant
-    return resolve(t.bf16, t.fp16, t.attn_implementation,
-                   q.bnb_4bit_compute_dtype if q.load_in_4bit else "auto")
+    return resolve(t.bf16, t.fp16, t.attn_implementation, q.bnb_4bit_compute_dtype if q.load_in_4bit else "auto")
 
 
 def train(params: Any, root: Path = Path(".")) -> dict | None:
@@ -57,12 +68,17 @@ def train(params: Any, root: Path = Path(".")) -> dict | None:
     train_rows = PackedRows(root / PACKED, "train")
     val_rows = PackedRows(root / PACKED, "val") if split_files(root / PACKED, "val") else None
     caps = capabilities(params)
-    args = training_arguments(params.train, caps, root / CHECKPOINTS, has_val=val_rows is not None,
-                              packed=manifest["packed"])
+    args = training_arguments(
+        params.train, caps, root / CHECKPOINTS, has_val=val_rows is not None, packed=manifest["packed"]
+    )
 
     read = params_read(params)
-    run = {"world_size": args.world_size, "device": caps.device, "compute_dtype": caps.compute_dtype,
-           "attn_implementation": attention.effective(caps.attn_implementation, manifest["packed"])}
+    run = {
+        "world_size": args.world_size,
+        "device": caps.device,
+        "compute_dtype": caps.compute_dtype,
+        "attn_implementation": attention.effective(caps.attn_implementation, manifest["packed"]),
+    }
     fp = fingerprint(read, root / PACKED, root / BASE, run)
     with args.main_process_first(local=False, desc="checkpoint selection"):
         resume = select_resume(root / CHECKPOINTS, fp, prune=args.process_index == 0)
@@ -75,8 +91,16 @@ def train(params: Any, root: Path = Path(".")) -> dict | None:
     if not trainer.is_world_process_zero():
         return None
     metrics = {**_metrics(trainer, out.metrics, resume), **peak_memory(caps), **run}
-    _save_adapter(trainer.model, root, {"params": read, "hardware": caps.as_dict(), "run": run,
-                                        "data": {k: manifest[k] for k in ("sequence_len", "packed")}})
+    _save_adapter(
+        trainer.model,
+        root,
+        {
+            "params": read,
+            "hardware": caps.as_dict(),
+            "run": run,
+            "data": {k: manifest[k] for k in ("sequence_len", "packed")},
+        },
+    )
     write_json(root / METRICS, metrics)
     # a finished run's checkpoints must go: a rerun with the same inputs would resume at the last
     # step and train nothing
@@ -136,19 +160,31 @@ def _warmup(cfg: Any) -> float:
 
 
 def _trainer(model, args, train_rows, val_rows, packed: bool, cfg: Any, fp: str, root: Path):
-    from reprotune.train.callbacks import (CheckpointMarker, DvcLiveCurves, LogFinalStep, LossWatchdog,
-                                           SupervisedTokens)
+    from reprotune.train.callbacks import CheckpointMarker, DvcLiveCurves, LogFinalStep, LossWatchdog, SupervisedTokens
     from reprotune.train.trainer import GuardedTrainer
 
     if cfg.save_steps % cfg.logging_steps:
-        log.warning("train.save_steps (%d) is not a multiple of train.logging_steps (%d): after a resume "
-                    "the first logged loss averages fewer steps than in an uninterrupted run",
-                    cfg.save_steps, cfg.logging_steps)
-    callbacks = [LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience), SupervisedTokens(),
-                 CheckpointMarker(fp), LogFinalStep(), DvcLiveCurves(root / DVCLIVE)]
-    return GuardedTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
-                          data_collator=collate_padding_free if packed else PaddedCollator(PAD_ID),
-                          callbacks=callbacks)
+        log.warning(
+            "train.save_steps (%d) is not a multiple of train.logging_steps (%d): after a resume "
+            "the first logged loss averages fewer steps than in an uninterrupted run",
+            cfg.save_steps,
+            cfg.logging_steps,
+        )
+    callbacks = [
+        LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience),
+        SupervisedTokens(),
+        CheckpointMarker(fp),
+        LogFinalStep(),
+        DvcLiveCurves(root / DVCLIVE),
+    ]
+    return GuardedTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=val_rows,
+        data_collator=collate_padding_free if packed else PaddedCollator(PAD_ID),
+        callbacks=callbacks,
+    )
 
 
 def _metrics(trainer, run_metrics: dict, resume: Path | None) -> dict:

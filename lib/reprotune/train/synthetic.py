@@ -21,8 +21,7 @@ IGNORE = -100
 FIRST_ID = 5  # ids 0..4 are the built-in tokenizer's specials
 
 
-def sequences(n: int, seed: int, vocab: int, max_len: int, mean_len: float = 200.0,
-              sigma: float = 1.0) -> list[tuple]:
+def sequences(n: int, seed: int, vocab: int, max_len: int, mean_len: float = 200.0, sigma: float = 1.0) -> list[tuple]:
     """`n` (input_ids, labels) pairs of int32 arrays, lengths in [8, max_len]."""
     rng = np.random.default_rng(seed)
     lengths = np.clip(np.rint(rng.lognormal(np.log(mean_len) - sigma**2 / 2, sigma, n)), 8, max_len)

@@ -35,7 +35,8 @@ class GuardedTrainer(Trainer):
             raise TrainingStopped(
                 f"non-finite loss (this process: {value}) at optimizer step {self.state.global_step + 1}; "
                 "stopped before the optimizer step, so the weights are untouched. Lower "
-                "train.learning_rate, use bf16 rather than fp16, or check the data.")
+                "train.learning_rate, use bf16 rather than fp16, or check the data."
+            )
         return loss
 
     def supervised_tokens(self) -> SupervisedTokens:
