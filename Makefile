@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup setup-gpu run test test-all bench gpu-check clean
+.PHONY: setup setup-gpu run test test-all lint schema bench gpu-check clean
 setup: $(VENV)/.installed
 
 # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build; then the rest,
@@ -34,11 +34,20 @@ run: setup
 # Tests and benchmarks never wait on a hub: everything they use is built or shipped here.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-test: setup
+test: setup lint
 	$(OFFLINE) $(BIN)/python -m pytest -m "not slow" -q
 
-test-all: setup
+test-all: setup lint
 	$(OFFLINE) $(BIN)/python -m pytest -q
+
+# ruff's lint rules and format check (configured in pyproject.toml); `ruff format .` fixes the layout.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# params.schema.json from the dataclasses in lib/reprotune/config/sections.py (a test checks it is current).
+schema: setup
+	$(BIN)/python -m reprotune.schema --write
 
 bench: setup
 	$(OFFLINE) $(BIN)/python benchmarks/run.py

@@ -19,12 +19,8 @@ except ImportError:  # running from a checkout without an install: use lib/
 
 import numpy as np
 
-from reprotune.tokenize.packing import (
-    lower_bound_bins,
-    pack_best_fit_decreasing,
-    pack_first_fit,
-    packing_efficiency,
-)
+from reprotune.testing import pack_first_fit
+from reprotune.tokenize.packing import lower_bound_bins, pack_best_fit_decreasing, packing_efficiency
 
 TARGET_EFFICIENCY = 0.995
 TARGET_LARGE_S = 2.0
@@ -55,8 +51,8 @@ def run(n_small: int = 20000, n_large: int = 1_000_000, capacity: int = 2048, se
     large = synthetic_lengths(n_large, seed + 2, capacity)
     bfd_large, t_large = _timed(pack_best_fit_decreasing, large, capacity)
 
-    eff_bfd = packing_efficiency(small, bfd, capacity)
-    eff_large = packing_efficiency(large, bfd_large, capacity)
+    eff_bfd = packing_efficiency(int(small.sum()), len(bfd), capacity)
+    eff_large = packing_efficiency(int(large.sum()), len(bfd_large), capacity)
     return {
         "capacity": capacity,
         "seed": seed,
@@ -68,7 +64,7 @@ def run(n_small: int = 20000, n_large: int = 1_000_000, capacity: int = 2048, se
         "bfd_efficiency": eff_bfd,
         "bfd_time_s": t_bfd,
         "ff_random_bins": len(ff),
-        "ff_random_efficiency": packing_efficiency(small, ff, capacity),
+        "ff_random_efficiency": packing_efficiency(int(small.sum()), len(ff), capacity),
         "ff_random_time_s": t_ff,
         "n_large": n_large,
         "bfd_large_bins": len(bfd_large),

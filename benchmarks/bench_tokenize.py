@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reprotune.config.sections import TokenizeConfig
-from reprotune.data.validate import SCHEMA
 from reprotune.model.builtin import CORPUS, build_tiny_llama
+from reprotune.records import SCHEMA
 from reprotune.tokenize.dataset import tokenize_dataset
 from reprotune.tokenize.templates import alpaca_prompt
 

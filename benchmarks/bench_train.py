@@ -41,11 +41,12 @@ try:
 except ImportError:  # running from a checkout without an install: use lib/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
+from reprotune import testing as synthetic
 from reprotune.config import load_params
 from reprotune.hardware import peak_rss_bytes, proc_status_bytes
 from reprotune.model.builtin import VOCAB_SIZE, build_tiny_llama
-from reprotune.train import synthetic
-from reprotune.train.run import train
+from reprotune.stage import execute
+from reprotune.train import run as run_module
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SPEEDUP = 2.0
@@ -63,6 +64,11 @@ MEMORY_SEQUENCE_LEN = 128
 # r=16 on a 7B (hidden 4096) is the practitioner default; scaled to hidden 1024 the adapter (and its
 # Adam state, the same in both variants) keeps the same share of the model: r = 16 * 1024 / 4096
 MEMORY_LORA_R = 4
+
+
+def train(params, root: Path) -> dict:
+    """The train stage's core in `root`, through the stage doorway (the adapter lands in models/adapter)."""
+    return execute(run_module.train, params, run_module.TrainInputs.under(root), out=root / "models/adapter")
 
 
 def params_with(**sections: dict):
@@ -142,8 +148,6 @@ def memory(tmp: Path) -> dict:
 
 def memory_child(variant: str, base: Path, root: Path) -> dict:
     """Runs in a fresh process: train 2 steps, report resident-set figures in bytes."""
-    from reprotune.train import run as run_module
-
     # mean far above the cap: every length clips to MEMORY_SEQUENCE_LEN, one sequence per row
     seqs = synthetic.sequences(8, seed=0, vocab=VOCAB_SIZE, max_len=MEMORY_SEQUENCE_LEN, mean_len=10**4)
     params = params_with(

@@ -27,8 +27,8 @@ try:
 except ImportError:  # running from a checkout without an install: use lib/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
+from reprotune import testing as synthetic
 from reprotune.config import load_params
-from reprotune.train import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(
@@ -103,7 +103,8 @@ def isolation(model_dir: Path) -> dict:
 
 def child(variant: str, model_dir: Path, data_dir: Path, root: Path) -> dict:
     """One training run in this (fresh) process; returns the stage's metrics."""
-    from reprotune.train.run import train
+    from reprotune.stage import execute
+    from reprotune.train.run import TrainInputs, train
 
     (root / "models").mkdir(parents=True)
     (root / "models/base").symlink_to(model_dir)
@@ -126,7 +127,7 @@ def child(variant: str, model_dir: Path, data_dir: Path, root: Path) -> dict:
             loss_watchdog_threshold=None,
         ),
     )
-    return train(params, root)
+    return execute(train, params, TrainInputs.under(root), out=root / "models/adapter")
 
 
 def main() -> None:

@@ -1,23 +1,13 @@
 """Stage `base`: resolve base.model into models/base/ (built-in, local folder, or pinned hub commit)."""
 
-import logging
-from pathlib import Path
-
-from reprotune.config import Params
-from reprotune.io import atomic_dir
-from reprotune.model.base import resolve_base
+from reprotune.layout import BASE
+from reprotune.model.base import BaseInputs, resolve_base
 from reprotune.stage import run_stage
 
-OUT = Path("models/base")
 
-
-def main(params: Params) -> None:
-    with atomic_dir(OUT) as tmp:
-        provenance = resolve_base(
-            params.base.model, params.base.revision, tmp, trust_remote_code=params.base.trust_remote_code
-        )
-    logging.info("base model %s (%s) ready in %s", provenance["model"], provenance["source"], OUT)
+def report(provenance: dict) -> str:
+    return f"base model {provenance['model']} ({provenance['source']}) ready in {BASE}"
 
 
 if __name__ == "__main__":
-    run_stage("base", main)
+    run_stage("base", resolve_base, BaseInputs(), out=BASE, report=report)

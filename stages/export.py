@@ -1,25 +1,25 @@
-"""Stage `export`: models/export/, the deployable folder (weights, tokenizer, card, manifest, GGUF)."""
+"""Stage `export`: models/export/, the deployable folder (weights, tokenizer, card, manifest, GGUF).
 
-import logging
-from pathlib import Path
+The last stage: its report line sums up the run (base vs tuned on the validation split).
+"""
 
-from reprotune.config import Params
-from reprotune.export.bundle import build_export
-from reprotune.io import atomic_dir
+from reprotune.export.bundle import ExportInputs, build_export
+from reprotune.layout import EXPORT
 from reprotune.stage import run_stage
 
-MERGED, PROVENANCE = Path("models/merged"), Path("models/base/reprotune_base.json")
-# The card quotes the metrics of the stages that made the model. Not validate/tokenize: their metrics
-# hold run times, and a clone that reruns those cheap stages would otherwise rerun export too.
-METRICS = [Path(f"metrics/{stage}.json") for stage in ("train", "merge", "evaluate")]
-OUT = Path("models/export")
 
-
-def main(params: Params) -> None:
-    with atomic_dir(OUT) as tmp:
-        summary = build_export(params, MERGED, PROVENANCE, METRICS, tmp)
-    logging.info("wrote %s: %d files, %.1f MB", OUT, summary["files"], summary["bytes"] / 1e6)
+def report(summary: dict) -> str:
+    ev = summary["evaluate"]
+    if not ev:
+        return f"exported {EXPORT}: {summary['files']} files, {summary['bytes'] / 1e6:.1f} MB"
+    base, tuned = ev.get("base", {}), ev.get("tuned", {})
+    return (
+        f"done. base -> tuned on the validation split: loss {base.get('loss')} -> {tuned.get('loss')}, "
+        f"exact match {base.get('exact_match_count')} -> {tuned.get('exact_match_count')} of "
+        f"{tuned.get('generated')}; model in {EXPORT}/ ({summary['files']} files, "
+        f"{summary['bytes'] / 1e6:.1f} MB, {', '.join(summary['formats'])})"
+    )
 
 
 if __name__ == "__main__":
-    run_stage("export", main)
+    run_stage("export", build_export, ExportInputs(), out=EXPORT, report=report)

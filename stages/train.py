@@ -7,33 +7,31 @@ that stops training (diverging or non-finite loss) exits 1 with its message.
 import logging
 import sys
 
-from reprotune.config import Params
+from reprotune.layout import ADAPTER, metrics_file
 from reprotune.stage import run_stage
 from reprotune.train.errors import TrainingStopped
 from reprotune.train.launch import processes_to_launch, relaunch
-from reprotune.train.run import ADAPTER, METRICS, train
+from reprotune.train.run import TrainInputs, train
 
 
-def main(params: Params) -> None:
+def launch_or_train(params, inputs: TrainInputs, out_dir):
+    """The core, or (train.launcher) its processes under accelerate, which each come back here."""
     processes = processes_to_launch(params.train.launcher)
     if processes:
         sys.exit(relaunch(processes, __file__))
-    try:
-        metrics = train(params)
-    except TrainingStopped as e:
-        logging.error("%s", e)
-        sys.exit(1)
-    if metrics:  # the main process
-        logging.info(
-            "%d steps, train loss %s, eval loss %s, %.0f supervised tokens/s; adapter in %s, metrics in %s",
-            metrics["steps"],
-            metrics["train_loss"],
-            metrics["eval_loss"],
-            metrics["supervised_tokens_per_second"] or 0,
-            ADAPTER,
-            METRICS,
-        )
+    return train(params, inputs, out_dir)
+
+
+def report(m: dict) -> str:
+    return (
+        f"{m['steps']} steps, train loss {m['train_loss']}, eval loss {m['eval_loss']}, "
+        f"{m['supervised_tokens_per_second'] or 0:.0f} supervised tokens/s; adapter in {ADAPTER}"
+    )
 
 
 if __name__ == "__main__":
-    run_stage("train", main)
+    try:
+        run_stage("train", launch_or_train, TrainInputs(), out=ADAPTER, metrics=metrics_file("train"), report=report)
+    except TrainingStopped as e:
+        logging.error("%s", e)
+        sys.exit(1)

@@ -15,9 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 import pytest
 import torch
 
+from reprotune.errors import BadInput
 from reprotune.io import sha256_tree
-from reprotune.model.base import PROVENANCE_FILE, resolve_base
+from reprotune.model.base import PROVENANCE_FILE, BaseInputs, resolve_base
 from reprotune.model.builtin import build_tiny_llama
+
+from helpers import params_with
 
 EXPECTED_FILES = {
     "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
@@ -97,7 +100,9 @@ def test_generation_config_stops_on_im_end(tiny, tokenizer):
 
 
 def test_resolve_builtin(tiny, tmp_path):
-    prov = resolve_base("builtin:tiny-llama", None, tmp_path / "base")
+    prov = resolve_base(
+        params_with(base={"model": "builtin:tiny-llama", "revision": None}), BaseInputs(), tmp_path / "base"
+    )
     assert prov == {"source": "builtin", "model": "builtin:tiny-llama", "revision": None,
                     "commit_sha": None, "trust_remote_code": False}  # fmt: skip
     assert json.loads((tmp_path / "base" / PROVENANCE_FILE).read_text()) == prov
@@ -107,8 +112,10 @@ def test_resolve_builtin(tiny, tmp_path):
 
 
 def test_resolve_unknown_builtin(tmp_path):
-    with pytest.raises(ValueError, match="builtin:tiny-llama"):
-        resolve_base("builtin:huge-llama", None, tmp_path / "base")
+    with pytest.raises(BadInput, match="builtin:tiny-llama"):
+        resolve_base(
+            params_with(base={"model": "builtin:huge-llama", "revision": None}), BaseInputs(), tmp_path / "base"
+        )
 
 
 def test_resolve_local_copies_only_needed_files(tiny, tmp_path):
@@ -117,7 +124,11 @@ def test_resolve_local_copies_only_needed_files(tiny, tmp_path):
     for junk in ("training_args.bin", "optimizer.pt", "README.md"):
         (src / junk).write_bytes(b"junk")
     out = tmp_path / "base"
-    prov = resolve_base("models/local/mine", None, out, trust_remote_code=True, repo_root=tmp_path / "repo")
+    prov = resolve_base(
+        params_with(base={"model": "models/local/mine", "revision": None, "trust_remote_code": True}),
+        BaseInputs(tmp_path / "repo"),
+        out,
+    )
     assert prov["source"] == "local" and prov["model"] == "models/local/mine"  # as given, not absolute
     assert prov["trust_remote_code"] is True
     assert prov["files"] == sha256_tree(tiny)
@@ -129,15 +140,33 @@ def test_resolve_local_rejects_pickle_only(tmp_path):
     src.mkdir()
     (src / "config.json").write_text("{}")
     (src / "pytorch_model.bin").write_bytes(b"not really a pickle")
-    with pytest.raises(ValueError, match="safetensors only"):
-        resolve_base(str(src), None, tmp_path / "base")
+    with pytest.raises(BadInput, match="safetensors only"):
+        resolve_base(params_with(base={"model": str(src), "revision": None}), BaseInputs(), tmp_path / "base")
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"model.safetensors": b"x"}, "has no config.json"),
+        ({"config.json": b"{}"}, "has no \\*.safetensors weights"),
+    ],
+)
+def test_resolve_local_refuses_an_incomplete_folder_naming_the_key(tmp_path, files, message):
+    src = tmp_path / "incomplete"
+    src.mkdir()
+    for name, content in files.items():
+        (src / name).write_bytes(content)
+    with pytest.raises(BadInput, match=f"base.model: '{src}' {message}"):  # exit 2
+        resolve_base(params_with(base={"model": str(src), "revision": None}), BaseInputs(), tmp_path / "base")
 
 
 def test_resolve_refuses_non_empty_output(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "stale").write_text("x")
-    with pytest.raises(ValueError, match="not empty"):
-        resolve_base("builtin:tiny-llama", None, tmp_path / "base")
+    with pytest.raises(RuntimeError, match="not empty"):
+        resolve_base(
+            params_with(base={"model": "builtin:tiny-llama", "revision": None}), BaseInputs(), tmp_path / "base"
+        )
 
 
 def test_resolve_hub_pins_commit_and_skips_pickles(tiny, tmp_path):
@@ -151,7 +180,9 @@ def test_resolve_hub_pins_commit_and_skips_pickles(tiny, tmp_path):
     with mock.patch("huggingface_hub.HfApi") as api, \
          mock.patch("huggingface_hub.snapshot_download", side_effect=fake_download) as dl:  # fmt: skip
         api.return_value.model_info.return_value.sha = sha
-        prov = resolve_base("org/name", "main", tmp_path / "base")
+        prov = resolve_base(
+            params_with(base={"model": "org/name", "revision": "main"}), BaseInputs(), tmp_path / "base"
+        )
     api.return_value.model_info.assert_called_once_with("org/name", revision="main")
     kwargs = dl.call_args.kwargs
     assert dl.call_args.args == ("org/name",) and kwargs["revision"] == sha
@@ -165,8 +196,8 @@ def test_resolve_hub_pins_commit_and_skips_pickles(tiny, tmp_path):
 
 def test_resolve_hub_needs_revision(tmp_path):
     with mock.patch("huggingface_hub.HfApi") as api:
-        with pytest.raises(ValueError, match="revision"):
-            resolve_base("org/name", None, tmp_path / "base")
+        with pytest.raises(BadInput, match="revision"):
+            resolve_base(params_with(base={"model": "org/name", "revision": None}), BaseInputs(), tmp_path / "base")
     api.assert_not_called()
 
 

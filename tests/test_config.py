@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from reprotune.config import ParamsError, check_params, load_params
-from reprotune.config.check import schema
-from reprotune.config.sections import SECTION_TYPES, DatasetConfig
+from reprotune.config.sections import SECTION_TYPES, DatasetConfig, MessageMapping, Params, key
+from reprotune.schema import SCHEMA_FILE, class_doc, field_docs, generate_schema, render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,25 @@ def test_empty_file_gets_every_default(tmp_path):
     assert params.lora.r == 32 and params.lora.alpha == 16  # Axolotl's QLoRA example
 
 
-def test_dataclass_fields_match_the_schema():
-    props = schema()["properties"]
-    for name, cls in SECTION_TYPES.items():
-        assert [f.name for f in dataclasses.fields(cls)] == list(props[name]["properties"]), name
-    dataset_keys = list(schema()["$defs"]["dataset"]["properties"])
-    assert [f.name for f in dataclasses.fields(DatasetConfig)] == dataset_keys
+def test_schema_file_is_generated_from_the_dataclasses():
+    # Text equality: also catches 16 vs 16.0 and key order, which dict equality would let through.
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == render(generate_schema()), (
+        "params.schema.json differs from the dataclasses in sections.py: run `make schema`"
+    )
+
+
+def test_every_field_and_section_has_a_description():
+    for cls in (*SECTION_TYPES.values(), DatasetConfig, MessageMapping):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name, "").strip(), f"{cls.__name__}.{f.name} has no docstring"
+    for cls in (*SECTION_TYPES.values(), Params):
+        assert (class_doc(cls) or "").strip(), f"{cls.__name__} has no docstring"
+
+
+def test_key_rejects_a_misspelt_constraint():
+    with pytest.raises(TypeError, match="minimun"):
+        key(1, minimun=0)
 
 
 def test_every_key_in_params_yaml_is_commented():

@@ -13,18 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from reprotune.evaluate import evaluate, read_val_sequences
+from reprotune.config.sections import EvaluateConfig
+from reprotune.evaluate import compare
 from reprotune.model.builtin import build_tiny_llama
+from reprotune.packed import read_val_sequences
 
 from test_merge import write_packed
 
 REPO = Path(__file__).resolve().parents[1]
-DECLARED = (
-    "evaluate.max_sequences",
-    "evaluate.max_new_tokens",
-    "evaluate.num_samples",
-    "base.trust_remote_code",
-)  # the stage's params in dvc.yaml
 MAX_NEW = 8
 PROMPTS = [
     "### Instruction:\nAdd 2 and 3.\n\n### Response:\n",
@@ -109,7 +105,9 @@ def test_figures_match_independent_computation(models, hf, case):
     base, tuned = models
     root, seqs = case
     tok, m = hf
-    metrics, samples = evaluate(base, tuned, root, max_sequences=10, max_new_tokens=MAX_NEW, num_samples=1)
+    metrics, samples = compare(
+        base, tuned, root, EvaluateConfig(max_sequences=10, max_new_tokens=MAX_NEW, num_samples=1)
+    )
     for name, model in m.items():
         nll, n = 0.0, 0
         for ids, labels in seqs:  # HF's loss: mean over the shifted supervised tokens of one sequence
@@ -137,28 +135,31 @@ def test_figures_match_independent_computation(models, hf, case):
 
 def test_deterministic(models, case):
     root, _ = case
-    first = evaluate(*models, root, max_sequences=2, max_new_tokens=4, num_samples=2)
-    assert evaluate(*models, root, max_sequences=2, max_new_tokens=4, num_samples=2) == first
+    first = compare(*models, root, EvaluateConfig(max_sequences=2, max_new_tokens=4, num_samples=2))
+    assert compare(*models, root, EvaluateConfig(max_sequences=2, max_new_tokens=4, num_samples=2)) == first
 
 
 def test_no_validation_split_gives_empty_figures(models, tmp_path):
-    metrics, samples = evaluate(*models, tmp_path, max_sequences=5, max_new_tokens=4, num_samples=3)
+    metrics, samples = compare(*models, tmp_path, EvaluateConfig(max_sequences=5, max_new_tokens=4, num_samples=3))
     assert metrics["base"]["sequences"] == 0 and metrics["base"]["loss"] is None
     assert metrics["delta_loss"] is None and samples == []
 
 
 def test_stage_writes_metrics_and_samples(models, case, tmp_path, monkeypatch):
-    from reprotune.config import load_params
-    from reprotune.config.declared import restrict
-
     base, tuned = models
-    for src, dst in ((base, "models/base"), (tuned, "models/merged"), (case[0], "data/packed")):
+    for src, dst in (
+        (base, "models/base"),
+        (tuned, "models/merged"),
+        (case[0], "data/packed"),
+        (REPO / "data/sample", "data/sample"),
+        (REPO / "params.yaml", "params.yaml"),
+        (REPO / "dvc.yaml", "dvc.yaml"),
+    ):
         (tmp_path / dst).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / dst).symlink_to(src)
-    params = restrict(load_params(REPO / "params.yaml"), DECLARED, "evaluate")  # as run_stage passes them
-    stage = runpy.run_path(str(REPO / "stages/evaluate.py"))
     monkeypatch.chdir(tmp_path)
-    stage["main"](params)
+    # the stage script as dvc runs it: it reads only the params its dvc.yaml entry declares
+    runpy.run_path(str(REPO / "stages/evaluate.py"), run_name="__main__")
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert set(metrics) >= {"base", "tuned", "delta_loss", "delta_exact_match", "seconds"}
     assert set(metrics["tuned"]) >= {"loss", "perplexity", "exact_match", "sequences", "supervised_tokens"}

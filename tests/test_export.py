@@ -20,10 +20,9 @@ from safetensors import safe_open
 
 import reprotune
 from reprotune.config import load_params
-from reprotune.config.declared import restrict
 from reprotune.errors import BadInput
-from reprotune.export.bundle import build_export
-from reprotune.export.card import SECTIONS, scrub
+from reprotune.export.bundle import ExportInputs, build_export
+from reprotune.export.card import scrub
 from reprotune.export.gguf import write_gguf
 from reprotune.export.manifest import ManifestError, verify_manifest
 from reprotune.io import sha256_file, sha256_tree
@@ -67,7 +66,7 @@ def export_params(formats=("safetensors", "gguf"), gguf_dtype="f16"):
 @pytest.fixture(scope="module")
 def exported(merged, records, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export")
-    build_export(export_params(), merged, records[0], sorted(records[1].iterdir()), out, root=REPO)
+    build_export(export_params(), ExportInputs(merged, records[0], tuple(sorted(records[1].iterdir())), REPO), out)
     return out
 
 
@@ -98,7 +97,7 @@ def test_manifest_fails_after_tampering(exported, tmp_path, tamper, message):
 
 
 def test_export_twice_gives_identical_bytes(merged, records, exported, tmp_path):
-    build_export(export_params(), merged, records[0], sorted(records[1].iterdir()), tmp_path, root=REPO)
+    build_export(export_params(), ExportInputs(merged, records[0], tuple(sorted(records[1].iterdir())), REPO), tmp_path)
     assert sha256_tree(tmp_path) == sha256_tree(exported)
 
 
@@ -173,7 +172,7 @@ def test_gguf_refuses_other_architectures(merged, tmp_path):
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(BadInput, match="Llama-architecture"):
-        build_export(export_params(), other, tmp_path / "none.json", [], tmp_path / "out", root=REPO)
+        build_export(export_params(), ExportInputs(other, tmp_path / "none.json", (), REPO), tmp_path / "out")
 
 
 def test_card_records_provenance_data_params_and_metrics(exported):
@@ -223,7 +222,7 @@ def test_card_holds_no_secrets_or_absolute_paths(merged, tmp_path, monkeypatch):
     (metrics / "train.json").write_text(json.dumps({"note": "another-secret-0123", "output_dir": str(tmp_path)}))
     out = tmp_path / "out"
     out.mkdir()
-    build_export(params, merged, provenance, [metrics / "train.json"], out, root=REPO)
+    build_export(params, ExportInputs(merged, provenance, (metrics / "train.json",), REPO), out)
     card = (out / "README.md").read_text()
     for leak in (
         TOKEN,
@@ -256,13 +255,14 @@ def test_stage_builds_the_folder(merged, records, tmp_path, monkeypatch):
         (provenance, "models/base/reprotune_base.json"),
         (metrics, "metrics"),
         (REPO / "data/sample", "data/sample"),
+        (REPO / "params.yaml", "params.yaml"),
+        (REPO / "dvc.yaml", "dvc.yaml"),
     ):
         (tmp_path / dst).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / dst).symlink_to(src)
-    params = restrict(load_params(REPO / "params.yaml"), SECTIONS, "export")  # the card reads every section
-    stage = runpy.run_path(str(REPO / "stages/export.py"))
     monkeypatch.chdir(tmp_path)
-    stage["main"](params)
+    # the stage script as dvc runs it: the card reads every section, all declared in dvc.yaml
+    runpy.run_path(str(REPO / "stages/export.py"), run_name="__main__")
     assert verify_manifest(tmp_path / "models/export") > 5
     assert not (tmp_path / "models/export/model.f16.gguf").exists()  # params.yaml: safetensors only
     assert sha256_file(REPO / "data/sample/alpaca.jsonl") in (tmp_path / "models/export/README.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,11 +16,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from reprotune.errors import BadInput
 from reprotune.io import sha256_tree
-from reprotune.merge import merge, merge_and_verify, plan_shards, read_adapter, resolve_dtype
+from reprotune.merge import MergeInputs, merge, merge_and_verify, plan_shards, read_adapter, resolve_dtype
+
+from helpers import params_with
 
 REPO = Path(__file__).resolve().parents[1]
-DECLARED = ("merge.dtype", "merge.verify_sequences", "export.max_shard_size", "base.trust_remote_code")  # dvc.yaml
+
+
+def merge_params(dtype: str, verify_sequences: int, max_shard_size: str):
+    return params_with(
+        merge={"dtype": dtype, "verify_sequences": verify_sequences}, export={"max_shard_size": max_shard_size}
+    )
 
 
 def make_adapter(base: Path, out: Path, seed: int = 1, **lora) -> None:
@@ -32,7 +41,8 @@ def make_adapter(base: Path, out: Path, seed: int = 1, **lora) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:  # peft inits B to 0: the merge would be a no-op
+            # peft inits one factor to 0 (B; A for an embedding): the merge would be a no-op
+            if "lora_B" in name or "lora_embedding_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.rand(p.shape, generator=gen))
@@ -67,6 +77,19 @@ def adapter(base, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def odd_adapters(base, tmp_path_factory) -> dict[str, Path]:
+    """DoRA + rsLoRA + modules_to_save, and LoRA on the embedding (saved with its base layer) + alpha_pattern."""
+    kinds = {
+        "dora": {"use_dora": True, "use_rslora": True, "modules_to_save": ["lm_head"]},
+        "emb": {"target_modules": ["q_proj", "embed_tokens"], "alpha_pattern": {"q_proj": 4}},
+    }
+    out = {name: tmp_path_factory.mktemp(name) for name in kinds}
+    for name, lora in kinds.items():
+        make_adapter(base, out[name], **lora)
+    return out
+
+
+@pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> Path:
     seq = lambda n, s: (list(range(s, s + n)), [-100] * (n // 2) + list(range(s + n // 2, s + n)))  # noqa: E731
     return write_packed(tmp_path_factory.mktemp("data") / "packed", [[seq(20, 10), seq(12, 300)], [seq(30, 900)]])
@@ -75,7 +98,7 @@ def packed(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def merged(base, adapter, packed, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("merged")
-    return out, merge_and_verify(base, adapter, packed, out, "auto", 3, "6MB")
+    return out, merge_and_verify(merge_params("auto", 3, "6MB"), MergeInputs(base, adapter, packed), out)
 
 
 def test_merged_weights_equal_base_plus_delta(base, adapter, merged):
@@ -154,7 +177,7 @@ def test_single_file_when_under_the_shard_limit(base, adapter, tmp_path):
 
 
 def test_bf16_merge_within_documented_tolerance(base, adapter, packed, tmp_path):
-    metrics = merge_and_verify(base, adapter, packed, tmp_path, "bf16", 2, "2GB")
+    metrics = merge_and_verify(merge_params("bf16", 2, "2GB"), MergeInputs(base, adapter, packed), tmp_path)
     assert metrics["dtype"] == "bfloat16" and metrics["rtol"] == 2e-2
     assert metrics["max_abs_diff"] <= metrics["tolerance"]
     assert metrics["tolerance"] == max(2e-2 * max(1.0, metrics["logit_scale"]), 2 * metrics["noise_floor"])
@@ -162,18 +185,63 @@ def test_bf16_merge_within_documented_tolerance(base, adapter, packed, tmp_path)
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
 
 
-def test_dora_rslora_modules_to_save_and_embedding_lora(base, packed, tmp_path):
+def test_dora_rslora_modules_to_save_and_embedding_lora(base, packed, odd_adapters, tmp_path):
     """Less common adapter kinds merge exactly too (checked against PeftModel logits)."""
-    dora = tmp_path / "dora"
-    make_adapter(base, dora, use_dora=True, use_rslora=True, modules_to_save=["lm_head"])
+    params = merge_params("fp32", 2, "2GB")
     (tmp_path / "m1").mkdir()
-    m = merge_and_verify(base, dora, packed, tmp_path / "m1", "fp32", 2, "2GB")
+    m = merge_and_verify(params, MergeInputs(base, odd_adapters["dora"], packed), tmp_path / "m1")
     assert m["replaced_tensors"] == 1 and m["max_abs_diff"] <= 1e-4 * max(1.0, m["logit_scale"])
-    emb = tmp_path / "emb"
-    make_adapter(base, emb, target_modules=["q_proj", "embed_tokens"], alpha_pattern={"q_proj": 4})
     (tmp_path / "m2").mkdir()
-    m = merge_and_verify(base, emb, packed, tmp_path / "m2", "fp32", 2, "2GB")
+    m = merge_and_verify(params, MergeInputs(base, odd_adapters["emb"], packed), tmp_path / "m2")
     assert m["merged_tensors"] == 5 and m["max_abs_diff"] <= m["tolerance"]
+
+
+@pytest.mark.parametrize("kind", ["plain", "dora", "emb"])
+def test_streamed_reference_is_peft_model_exactly(base, adapter, odd_adapters, kind):
+    """The reference streamed from disk one module at a time gives PeftModel(base, adapter)'s logits bit for
+    bit (fp32), and peft's merge applied module by module gives merge_and_unload's."""
+    from peft import PeftModel
+
+    from reprotune.loading import load_model
+    from reprotune.merge import head_logits, hidden_states, hollow_peft_model, streamed, token_batch
+
+    path = adapter if kind == "plain" else odd_adapters[kind]
+    ids, mask = token_batch([list(range(7, 47))])
+    model, sources = hollow_peft_model(base, path, torch.float32, False)
+
+    def logits(merge_adapters: bool) -> torch.Tensor:
+        with streamed(model, sources, base, merge_adapters):
+            return head_logits(model, hidden_states(model, ids, mask)[0])
+
+    held = {name: p.clone() for name, p in model.named_parameters() if p not in sources}  # adapter, saved layers
+    unmerged, merged = logits(False), logits(True)
+    for name, p in model.named_parameters():  # merging left nothing behind
+        assert name not in held or torch.equal(p, held[name]), name
+    whole = PeftModel.from_pretrained(load_model(base, torch.float32, False), path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged, whole(input_ids=ids).logits[0], rtol=0, atol=0)
+        torch.testing.assert_close(merged, whole.merge_and_unload()(input_ids=ids).logits[0], rtol=0, atol=0)
+
+
+def test_tied_embeddings_merge_and_verify(base, tmp_path):
+    """A base whose lm_head is its embedding (no lm_head.weight stored, as small Qwen2 models) streams the
+    embedding for both."""
+    from safetensors.torch import load_file, save_file
+
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    tensors = load_file(base / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    make_adapter(tied, tmp_path / "adapter")
+    (tmp_path / "out").mkdir()
+    inputs = MergeInputs(tied, tmp_path / "adapter", tmp_path / "no-val-split")
+    metrics = merge_and_verify(merge_params("fp32", 1, "2GB"), inputs, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    assert metrics["max_abs_diff"] <= metrics["tolerance"]
 
 
 def test_wrong_merge_fails_verification(base, adapter, packed, tmp_path, monkeypatch):
@@ -189,7 +257,44 @@ def test_wrong_merge_fails_verification(base, adapter, packed, tmp_path, monkeyp
 
     monkeypatch.setattr(merge_mod, "read_adapter", broken)
     with pytest.raises(RuntimeError, match="differ from base\\+adapter"):
-        merge_and_verify(base, adapter, packed, tmp_path, "fp32", 2, "2GB")
+        merge_and_verify(merge_params("fp32", 2, "2GB"), MergeInputs(base, adapter, packed), tmp_path)
+
+
+def test_wrong_bytes_on_disk_fail_verification(base, adapter, packed, tmp_path, monkeypatch):
+    """Verification reads the merged checkpoint back from disk: a tensor changed after it was written is caught."""
+    import reprotune.merge as merge_mod
+    from reprotune.tensors import read_index, read_tensor
+
+    real = merge_mod.merge
+
+    def merge_then_corrupt(base_dir, adapter_dir, out_dir, dtype, max_shard_bytes):
+        counts = real(base_dir, adapter_dir, out_dir, dtype, max_shard_bytes)
+        ref = read_index(out_dir)["model.layers.2.self_attn.o_proj.weight"]
+        with open(ref.file, "r+b") as f:
+            scaled = read_tensor(ref, f) * 1.1
+            f.seek(ref.begin)
+            f.write(scaled.numpy().tobytes())
+        return counts
+
+    monkeypatch.setattr(merge_mod, "merge", merge_then_corrupt)
+    with pytest.raises(RuntimeError, match="differ from base\\+adapter"):
+        merge_and_verify(merge_params("fp32", 2, "2GB"), MergeInputs(base, adapter, packed), tmp_path)
+
+
+def test_weight_never_streamed_in_fails_verification(base, adapter, packed, tmp_path, monkeypatch):
+    """A weight left as its placeholder (NaN) poisons the logits of every model: verification fails, it does
+    not compare two equally wrong models."""
+    import reprotune.merge as merge_mod
+
+    real = merge_mod._units
+
+    def without_norms(model, sources, tuner_type):
+        units = real(model, sources, tuner_type)
+        return {unit: parts for unit, parts in units.items() if "Norm" not in type(unit).__name__}
+
+    monkeypatch.setattr(merge_mod, "_units", without_norms)
+    with pytest.raises(RuntimeError, match="max \\|delta\\| nan"):
+        merge_and_verify(merge_params("fp32", 2, "2GB"), MergeInputs(base, adapter, packed), tmp_path)
 
 
 def test_unsupported_adapter_is_refused(base, adapter, tmp_path):
@@ -214,31 +319,49 @@ def test_plan_shards_follows_huggingface_rule():
     assert plan_shards({"a": 2, "big": 20, "c": 2}, 8) == [["a"], ["big"], ["c"]]
 
 
+def test_quantized_base_is_refused_as_bad_input(base, adapter, packed, tmp_path):
+    """A base stored quantized is the user's input gone wrong: exit 2 with the file named, before anything
+    is loaded or written."""
+    quantized, out = tmp_path / "base", tmp_path / "out"
+    quantized.mkdir()
+    out.mkdir()
+    for p in base.iterdir():
+        (quantized / p.name).symlink_to(p)
+    (quantized / "config.json").unlink()
+    config = json.loads((base / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"load_in_4bit": True}}))
+    with pytest.raises(BadInput, match=re.escape(f"{quantized / 'config.json'}: ") + ".*stored quantized"):
+        merge_and_verify(merge_params("auto", 2, "2GB"), MergeInputs(quantized, adapter, packed), out)
+    assert not list(out.iterdir())
+
+
 def test_stage_writes_model_and_metrics_or_nothing(base, adapter, packed, tmp_path, monkeypatch):
-    """stages/merge.py in a scratch repo layout; a failed verification leaves neither output."""
+    """stages/merge.py in a scratch repo layout, on the shipped params.yaml restricted to the keys dvc.yaml
+    declares for merge (reading any other key raises); a failed verification leaves neither output."""
     import runpy
 
-    from reprotune.config import load_params
-    from reprotune.config.declared import restrict
+    import reprotune.merge as merge_mod
 
-    for src, dst in ((base, "models/base"), (adapter, "models/adapter"), (packed, "data/packed")):
+    for src, dst in (
+        (base, "models/base"),
+        (adapter, "models/adapter"),
+        (packed, "data/packed"),
+        *((REPO / name, name) for name in ("params.yaml", "dvc.yaml", "data/sample")),
+    ):
         (tmp_path / dst).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / dst).symlink_to(src)
-    params = restrict(load_params(REPO / "params.yaml"), DECLARED, "merge")  # as run_stage passes them
-    stage = runpy.run_path(str(REPO / "stages/merge.py"))
     monkeypatch.chdir(tmp_path)
-    stage["main"](params)
+    runpy.run_path(str(REPO / "stages/merge.py"), run_name="__main__")
     metrics = json.loads(Path("metrics/merge.json").read_text())
     assert metrics["verify_sequences"] == 3 and metrics["shards"] == 1 and metrics["peak_rss_mb"] > 0
+    assert metrics["seconds"] > 0  # added by the doorway
     assert (tmp_path / "models/merged/model.safetensors").is_file()
-
-    import reprotune.merge as merge_mod
 
     monkeypatch.setattr(merge_mod, "RTOL", {torch.float32: -1.0})  # no tolerance at all
     monkeypatch.setattr(merge_mod, "NOISE_MARGIN", -1.0)
     Path("metrics/merge.json").unlink()
     with pytest.raises(RuntimeError):
-        stage["main"](params)
+        runpy.run_path(str(REPO / "stages/merge.py"), run_name="__main__")
     assert not Path("metrics/merge.json").exists()
     assert (tmp_path / "models/merged/model.safetensors").is_file()  # the previous output is untouched
     assert not list((tmp_path / "models").glob(".merged.tmp-*"))

@@ -13,7 +13,8 @@ import json
 
 import pytest
 
-from reprotune.tokenize.templates import IGNORE_INDEX, PromptEncoder, TokenizeError, alpaca_prompt
+from reprotune.packed import IGNORE_INDEX
+from reprotune.tokenize.templates import PromptEncoder, TokenizeError, alpaca_prompt
 
 from fixtures import make_tokenize_fixtures as fx
 

@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from reprotune import testing as synthetic
 from reprotune.config import load_params
 from reprotune.hardware import resolve
 from reprotune.model.builtin import build_tiny_llama
-from reprotune.train import attention, synthetic
-from reprotune.train.batches import (
-    IGNORE,
-    PackedDataError,
-    PackedRows,
-    PaddedCollator,
-    collate_padding_free,
-    read_manifest,
-)
+from reprotune.packed import IGNORE_INDEX as IGNORE
+from reprotune.packed import PackedDataError, PackedRows, read_manifest
+from reprotune.train import attention
+from reprotune.train.batches import PaddedCollator, collate_padding_free
 from reprotune.train.model import load_trainable
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from reprotune.config import load_params
 from reprotune.errors import BadInput
 from reprotune.hardware import resolve
 from reprotune.model.builtin import build_tiny_llama
-from reprotune.train.model import load_trainable
+from reprotune.train.model import linear_leaf_names, load_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
@@ -99,3 +99,12 @@ def test_adapter_init_follows_the_seed(tiny):
         return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
 
     assert torch.equal(lora_a(1), lora_a(1)) and not torch.equal(lora_a(1), lora_a(2))
+
+
+def test_a_head_that_shares_its_name_with_other_linears_is_bad_input():
+    # target_linear finds layers by their last name part, so it could not leave such a head out (exit 2)
+    model = torch.nn.ModuleDict(
+        {"lm_head": torch.nn.Linear(2, 2), "block": torch.nn.ModuleDict({"lm_head": torch.nn.Linear(2, 2)})}
+    )
+    with pytest.raises(BadInput, match="lora.target_linear: the output head 'lm_head' shares its name"):
+        linear_leaf_names(model, exclude="lm_head")

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from reprotune import testing as synthetic
 from reprotune.config import load_params
 from reprotune.io import sha256_tree
+from reprotune.packed import IGNORE_INDEX
+from reprotune.stage import execute
 from reprotune.train import run as run_module
-from reprotune.train import synthetic
 from reprotune.train.errors import TrainingStopped
-from reprotune.train.run import train
+from reprotune.train.run import TrainInputs
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
@@ -31,6 +33,17 @@ FAST = {
     "logging_steps": 2,
     "warmup_ratio": 0.1,
 }
+
+
+def train(params, root: Path) -> dict | None:
+    """The train stage's core in the folder `root`, through the stage doorway (outputs and metrics)."""
+    return execute(
+        run_module.train,
+        params,
+        TrainInputs.under(root),
+        out=root / "models/adapter",
+        metrics=root / "metrics/train.json",
+    )
 
 
 def params_with(**sections: dict):
@@ -56,7 +69,7 @@ def project(root: Path, tiny: Path, seqs, packed: bool = True) -> Path:
 
 
 def supervised(seqs) -> int:
-    return sum(int((labels[1:] != synthetic.IGNORE).sum()) for _, labels in seqs)
+    return sum(int((labels[1:] != IGNORE_INDEX).sum()) for _, labels in seqs)
 
 
 def curve(root: Path, name: str) -> list[tuple[int, float]]:
@@ -160,7 +173,7 @@ def test_optimizer_choice(tmp_path, tiny, seqs, optimizer, kind):
     model = run_module.load_trainable(root / "models/base", params.quant, params.lora, params.train, caps, "sdpa")
     args = run_module.training_arguments(params.train, caps, tmp_path / "ckpt", False, True)
     rows = run_module.PackedRows(root / "data/packed", "train")
-    trainer = run_module._trainer(model, args, rows, None, True, params.train, "fp", root)
+    trainer = run_module._trainer(model, args, rows, None, True, params.train, "fp", root / "dvclive")
     opt = trainer.create_optimizer()
     bnb_args = getattr(opt, "args", None)
     got = (type(opt).__module__.split(".")[0], getattr(bnb_args, "optim_bits", 32), getattr(opt, "is_paged", False))

@@ -17,9 +17,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from reprotune import testing as synthetic
 from reprotune.io import write_json
 from reprotune.model.builtin import build_tiny_llama
-from reprotune.train import synthetic
 from reprotune.train.checkpoints import MARKER, select_resume, write_marker
 from reprotune.train.launch import WORKER_ENV, accelerate_command, processes_to_launch
 

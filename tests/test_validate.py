@@ -11,19 +11,20 @@ import pytest
 from reprotune.config.check import fill_defaults, schema
 from reprotune.config.sections import build_params
 from reprotune.data.readers import DataError
-from reprotune.data.validate import validate
+from reprotune.data.validate import ValidateInputs, validate
 from reprotune.io import sha256_tree
 
 
 def data_config(*datasets: dict, on_invalid="reject", dedup=True):
+    """Params with these data settings and every other key at its default."""
     filled = fill_defaults({"data": {"datasets": list(datasets), "on_invalid": on_invalid, "dedup": dedup}}, schema())
-    return build_params(filled).data
+    return build_params(filled)
 
 
 def run(tmp_path: Path, cfg) -> tuple[dict, list[dict], list[dict]]:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    metrics = validate(cfg, tmp_path, out)
+    metrics = validate(cfg, ValidateInputs(tmp_path), out)
     rows = pq.read_table(out / "records.parquet").to_pylist()
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     return metrics, rows, rejects
@@ -50,7 +51,8 @@ BAD_CHAT = [
     ('{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "y"}]}', "empty"),
     ('{"conversations": [{"from": "human", "value": "x"}]}', "no_trainable_turn"),
     (
-        '{"conversations": [{"from": "human", "value": "x"}, {"from": "system", "value": "s"}, {"from": "gpt", "value": "y"}]}',
+        '{"conversations": [{"from": "human", "value": "x"}, {"from": "system", "value": "s"}, '
+        '{"from": "gpt", "value": "y"}]}',
         "misplaced_system",
     ),
 ]
@@ -59,7 +61,8 @@ GOOD_ALPACA = [
     '{"instruction": "Reverse:", "input": "a b", "output": "b a", "extra": 1}',
 ]
 GOOD_CHAT = [
-    '{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}',
+    '{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, '
+    '{"from": "gpt", "value": "Hello"}]}',
     '{"conversations": [{"from": "HUMAN", "value": "1+1?"}, {"from": "model", "value": "2"}]}',
 ]
 SHAREGPT = {"field_messages": "conversations", "message_property_mappings": {"role": "from", "content": "value"}}
@@ -117,7 +120,10 @@ def test_field_mapping_and_completion(tmp_path):
 
 
 def test_bom_crlf_and_non_utf8(tmp_path):
-    body = b'\xef\xbb\xbf{"instruction": "a\\r\\nb", "output": "c"}\r\n\r\n{"instruction": "caf\xe9", "output": "x"}\r\n{"instruction": "d", "output": "e"}\r\n'
+    body = (
+        b'\xef\xbb\xbf{"instruction": "a\\r\\nb", "output": "c"}\r\n\r\n'
+        b'{"instruction": "caf\xe9", "output": "x"}\r\n{"instruction": "d", "output": "e"}\r\n'
+    )
     (tmp_path / "a.jsonl").write_bytes(body)
     metrics, rows, rejects = run(tmp_path, data_config({"path": "a.jsonl", "type": "alpaca"}))
     assert rows[0]["instruction"] == "a\nb"  # CRLF inside text normalised
@@ -207,7 +213,7 @@ def test_outputs_are_byte_identical(tmp_path):
     for name in ("one", "two"):
         out = tmp_path / name
         out.mkdir()
-        validate(cfg, repo, out)
+        validate(cfg, ValidateInputs(repo), out)
         hashes.append(sha256_tree(out))
     assert hashes[0] == hashes[1]
     assert pq.read_metadata(tmp_path / "one/records.parquet").num_rows == 3000

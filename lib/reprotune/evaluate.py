@@ -1,10 +1,8 @@
 """Evaluate: the base and the tuned (merged) model side by side on the validation split.
 
 Features
-- Sequences: rows of data/packed/val/part-*.parquet (file order, then row order) unpacked by
-  `seq_lens` (a packed row holds several sequences back to back). evaluate.max_sequences of them,
-  evenly spaced over the split: packing orders sequences by length, so the first N would be the
-  longest N. `read_val_sequences` is also the merge stage's source of verification sequences.
+- Sequences: evaluate.max_sequences validation sequences of data/packed, evenly spaced over the
+  split (reprotune.packed.read_val_sequences, also the merge stage's verification source).
 - Loss and perplexity: each sequence is scored alone (batch of one, positions 0..n-1, no padding),
   so no attention mask or packing kernel can leak one sequence into another. Loss is the mean
   cross-entropy over all supervised tokens (labels != -100) of all sequences, weighted by token,
@@ -16,6 +14,8 @@ Features
   cut at the first stop token; a match compares the decoded texts (special tokens skipped) after
   stripping whitespace. Sequences with no prompt (supervised from the first token) are not
   generated for.
+- Outputs: the metrics (metrics/evaluate.json) and samples.jsonl, the first evaluate.num_samples
+  prompts with reference, base and tuned answers side by side (moved to metrics/samples.jsonl).
 - Both models use the same sequences, tokenizer (the tuned folder's) and dtype (the tuned model's
   stored dtype), on CUDA when available, else CPU. No sampling and no RNG: the figures are
   deterministic for given weights, data and hardware.
@@ -30,6 +30,7 @@ Trade-offs
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -38,15 +39,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from reprotune import layout
+from reprotune.config import Params
+from reprotune.config.sections import EvaluateConfig
+from reprotune.io import atomic_file
+from reprotune.loading import load_model, stop_token_ids
+from reprotune.packed import IGNORE_INDEX, ValSequence, read_val_sequences
+
 log = logging.getLogger(__name__)
+SAMPLES = "samples.jsonl"
 
 
 @dataclass(frozen=True)
-class ValSequence:
-    input_ids: list[int]
-    labels: list[int]
-    """Same length as input_ids; -100 where the token is not supervised (HF convention, unshifted)."""
+class EvaluateInputs:
+    base: Path = layout.BASE
+    tuned: Path = layout.MERGED
+    packed: Path = layout.PACKED
 
 
 @dataclass(frozen=True)
@@ -55,49 +63,6 @@ class Generation:
     """Position of the sequence in the evaluated list."""
     prompt: list[int]
     reference: list[int]
-
-
-def read_val_sequences(packed_dir: Path, limit: int) -> list[ValSequence]:
-    """`limit` validation sequences evenly spaced over the split (all when fewer), unpacked, in
-    split order; [] when there is no validation split."""
-    import pyarrow.parquet as pq
-
-    parts = sorted((Path(packed_dir) / "val").glob("part-*.parquet"))
-    # Pass 1 reads seq_lens only: how many sequences each part holds.
-    counts = [sum(map(len, pq.read_table(p, columns=["seq_lens"]).column("seq_lens").to_pylist())) for p in parts]
-    total = sum(counts)
-    wanted = sorted({i * total // limit for i in range(limit)}) if total > limit else list(range(total))
-    out: list[ValSequence] = []
-    first = 0  # index of the part's first sequence in the split
-    for part, count in zip(parts, counts):
-        local = [i - first for i in wanted if first <= i < first + count]
-        if local:
-            out += _unpack(pq.read_table(part, columns=["input_ids", "labels", "seq_lens"]), set(local))
-        first += count
-    return out
-
-
-def _unpack(table, keep: set[int]) -> list[ValSequence]:
-    """Sequences number `keep` (counted across the table's rows) of a packed table."""
-    out, k = [], 0
-    for ids, labels, lens in zip(*(table.column(c).to_pylist() for c in ("input_ids", "labels", "seq_lens"))):
-        start = 0
-        for n in lens:
-            if k in keep:
-                out.append(ValSequence(ids[start : start + n], labels[start : start + n]))
-            start, k = start + n, k + 1
-    return out
-
-
-def stop_token_ids(model_dir: Path, tokenizer) -> set[int]:
-    """EOS of the tokenizer plus every eos_token_id of the generation config (end of turn too)."""
-    from transformers import GenerationConfig
-
-    stops = {tokenizer.eos_token_id} - {None}
-    if (Path(model_dir) / "generation_config.json").is_file():
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        stops |= set(eos if isinstance(eos, list) else [eos]) - {None}
-    return stops
 
 
 def generation_of(index: int, seq: ValSequence, stops: set[int]) -> Generation | None:
@@ -133,14 +98,14 @@ def greedy(model, prompt: list[int], max_new_tokens: int, stops: set[int]) -> li
     """Greedy continuation of `prompt`, without the stop token that ended it."""
     ids = torch.tensor([prompt], device=model.device)
     out: list[int] = []
-    past = None
+    cache = None
     for _ in range(max_new_tokens):
-        step = model(input_ids=ids, past_key_values=past, use_cache=True)
+        step = model(input_ids=ids, cache=cache, use_cache=True)
         token = int(step.logits[0, -1].argmax())
         if token in stops:
             break
         out.append(token)
-        past, ids = step.past_key_values, torch.tensor([[token]], device=model.device)
+        cache, ids = step.cache, torch.tensor([[token]], device=model.device)
     return out
 
 
@@ -173,29 +138,23 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
+def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
+    """The stage core: base vs tuned metrics, with the sample generations in out_dir/samples.jsonl."""
+    metrics, samples = compare(inputs.base, inputs.tuned, inputs.packed, params.evaluate, params.base.trust_remote_code)
+    with atomic_file(Path(out_dir) / SAMPLES) as f:
+        f.writelines(json.dumps(s, sort_keys=True, ensure_ascii=False) + "\n" for s in samples)
+    return metrics
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
 
-
-def evaluate(
-    base_dir: Path,
-    tuned_dir: Path,
-    packed_dir: Path,
-    max_sequences: int,
-    max_new_tokens: int,
-    num_samples: int,
-    trust_remote_code: bool = False,
+def compare(
+    base_dir: Path, tuned_dir: Path, packed_dir: Path, cfg: EvaluateConfig, trust_remote_code: bool = False
 ) -> tuple[dict, list[dict]]:
-    """Metrics of base vs tuned, and up to `num_samples` sample generations."""
+    """Metrics of base vs tuned, and up to cfg.num_samples sample generations."""
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tuned_dir, trust_remote_code=trust_remote_code)
     stops = stop_token_ids(tuned_dir, tokenizer)
-    seqs = read_val_sequences(packed_dir, max_sequences)
+    seqs = read_val_sequences(packed_dir, cfg.max_sequences)
     if not seqs:
         log.warning("no validation sequences under %s/val: figures are empty", packed_dir)
     gens = [g for i, s in enumerate(seqs) if (g := generation_of(i, s, stops))]
@@ -204,7 +163,7 @@ def evaluate(
     results, outputs = {}, {}
     for name, path in (("base", base_dir), ("tuned", tuned_dir)):
         model = load_model(path, dtype, trust_remote_code)
-        results[name], outputs[name] = score_model(model, seqs, gens, tokenizer, max_new_tokens, stops)
+        results[name], outputs[name] = score_model(model, seqs, gens, tokenizer, cfg.max_new_tokens, stops)
         del model  # one model in memory at a time
         log.info("%s: loss %s, exact match %s", name, results[name]["loss"], results[name]["exact_match"])
 
@@ -222,7 +181,7 @@ def evaluate(
             "base": outputs["base"][k],
             "tuned": outputs["tuned"][k],
         }
-        for k, g in enumerate(gens[:num_samples])
+        for k, g in enumerate(gens[: cfg.num_samples])
     ]
     return metrics, samples
 

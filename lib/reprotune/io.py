@@ -41,6 +41,23 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_files(targets: dict[str, Path]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside the first target; on success each file named in `targets`
+    is renamed over its target path (all on one filesystem); the folder is removed either way."""
+    first = Path(next(iter(targets.values())))
+    first.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{first.name}.tmp-", dir=first.parent))
+    try:
+        yield tmp
+        for name, target in targets.items():
+            (tmp / name).chmod(0o666 & ~_umask())
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside `target` for writing; rename it over `target` on success."""
     target = Path(target)
@@ -58,6 +75,20 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def temporary_env(name: str, value: str) -> Iterator[None]:
+    """Set environment variable `name` to `value` inside the block, restoring it (or its absence) after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _umask() -> int:

@@ -3,7 +3,7 @@
 Features
 - dtype (merge.dtype): auto = bf16 on CUDA sm80+, else the base's stored dtype (fp32 if none is
   recorded). Never 4-bit: the merge reloads the unquantized base checkpoint (QLoRA's 4-bit copy
-  only ever lived in training memory), and a base stored quantized is refused.
+  only ever lived in training memory), and a base stored quantized is refused as bad input.
 - Streaming: the merged checkpoint is written one tensor at a time. A base tensor is read from its
   safetensors file with plain reads (no mmap, so weights already written never stay resident),
   the LoRA delta is added in fp32 (W += scale * B @ A; DoRA then rescales each output row to its
@@ -23,24 +23,49 @@ Features
   DoRA on Linear, modules_to_save (whole replacement tensors). Any other adapter tensor or setting
   is refused before anything is written.
 - Verification (`verify`): on merge.verify_sequences validation sequences (their first 256 tokens;
-  a fixed token sequence when there is no validation split) the merged checkpoint, loaded back from
-  disk by transformers, must give the logits of PeftModel(base, adapter) in the same dtype:
+  a fixed token sequence when there is no validation split) the merged checkpoint, read back from
+  disk, must give the logits of PeftModel(base, adapter) in the same dtype:
   max |delta| <= max(rtol x max(1, max |reference logit|), 2 x noise floor). rtol is 1e-4 for fp32,
-  2e-2 for bf16, 5e-3 for fp16. The noise floor is measured, not guessed: after the reference
-  logits, peft's own merge_and_unload folds the adapter into the same in-memory model and the
-  max |delta| between its logits and the unmerged ones is what merging costs in this dtype. In
+  2e-2 for bf16, 5e-3 for fp16. The noise floor is measured, not guessed: peft's own merge (what
+  merge_and_unload does) folds the adapter into each base weight of the reference as it is read, and
+  the max |delta| between those logits and the unmerged ones is what merging costs in this dtype. In
   fp32 it is ~1e-6 (the rtol term rules); in bf16 it grows with depth (a random 20-layer model:
   ~2% of the logit scale, from 8-bit mantissas rounding differently on the two paths), which a
   fixed bf16 rtol cannot cover. A merge error smaller than twice peft's own is not detectable in
   that dtype. A failure raises, so the stage's atomic folder leaves nothing.
+- Streamed verification: the models are transformers' own (AutoModelForCausalLM.from_config) and
+  peft's own (PeftModel.from_pretrained) built without base weights: each parameter is a NaN
+  placeholder of one element. Forward hooks read a module's weights from its safetensors file just
+  before the module runs and drop them after, so a forward holds one module's weights (the largest is
+  the embedding or lm_head) and the activations of the verify tokens. Three models: the reference
+  (LoRA unmerged, peft's forward), the merged checkpoint, and the noise floor (peft's merge applied
+  layer by layer). Each runs its decoder once on the whole batch (one read of its checkpoint), then
+  its LM head on one sequence at a time, so only two sequences' logits are ever held. In fp32 the
+  reference and noise-floor logits are bit-identical to PeftModel and merge_and_unload on a fully
+  loaded base.
 
 Trade-offs
-- Verification holds one full model at a time (the reference, then the merged one), on CUDA when
-  available: the stage's peak is about one model, while the merge itself stays near one tensor.
-  benchmarks/bench_merge.py, 322M-param bf16 Llama (0.64 GB on disk), RSS above the import floor:
-  streaming merge 0.11 x the checkpoint, whole stage 1.1 x, PeftModel merge_and_unload 0.95 x.
-- The reference runs in the merge dtype, not fp32: it checks the merge, not bf16's own rounding,
-  and never needs twice the memory of a 16-bit model.
+- Memory, from benchmarks/bench_merge.py on a 2-core AMD EPYC VM without GPU (torch 2.13,
+  transformers 5.24, peft 0.21), random 322M-param bf16 Llama (0.64 GB on disk, 4 shards, vocab
+  32k), 4 verify sequences of 256 tokens: the whole stage peaks at 0.67-0.68 GB RSS = 1.04-1.05 x
+  the checkpoint, of which the import floor (torch, transformers, peft) is 0.44 GB = 0.69 x; the
+  streaming merge alone is 0.24 x above the floor and verification peaks about as high as it.
+  PeftModel merge_and_unload + save_pretrained: 1.78 x; this module's earlier whole-model
+  verification: 2.41 x.
+- Time: every verification model reads its checkpoint once for the batch and its lm_head once per
+  sequence (from the page cache, usually), and freed heap memory goes back to the OS after each
+  module (malloc_trim): 19-21 s for the whole stage in that benchmark, 13 s with whole models. On
+  CUDA the weights go to the GPU a module at a time: GPU memory is one module, at the cost of copying
+  the model to the GPU three times.
+- The reference runs in the merge dtype, not fp32: it checks the merge, not bf16's own rounding.
+  Its LoRA weights are used as saved (fp32 from training), as peft assigns them to a weightless
+  base; PeftModel on a bf16 base first rounds them to bf16 (logits then differ by ~the noise floor).
+- The LM head runs outside the CausalLM forward (get_decoder, then get_output_embeddings): exact
+  for Llama, Qwen2 and Mistral, whose forward does nothing after it; a model that rescales or
+  soft-caps its logits is compared before that step (the weights are checked all the same).
+- The hooks need each weight to be used inside its own module's forward, as transformers' Llama,
+  Qwen2 and Mistral do; a model that reads a weight elsewhere meets a NaN placeholder and fails
+  verification rather than passing it.
 - Only safetensors are read and written; pickled weights can run code and are refused upstream.
 """
 
@@ -51,16 +76,22 @@ import logging
 import math
 import re
 import shutil
-import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from reprotune.export.tensors import natural_key, read_index, read_tensor, write_safetensors
-from reprotune.hardware import DTYPE_NAMES, cuda_supports_bf16, peak_rss_bytes
+from reprotune import layout
+from reprotune.config import Params
+from reprotune.errors import BadInput
+from reprotune.hardware import DTYPE_NAMES, cuda_supports_bf16, device_type, peak_rss_bytes, release_freed_memory
 from reprotune.io import write_json
+from reprotune.loading import copy_tokenizer_files, is_tokenizer_file, read_config, stored_dtype
+from reprotune.packed import read_val_sequences
+from reprotune.tensors import natural_key, read_index, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +103,6 @@ ADAPTER_PREFIX = "base_model.model."  # peft's prefix on every saved adapter ten
 # Files of the base folder not copied as they are: weights are rewritten, config.json gets the new
 # dtype, and the base's provenance record describes the base, not the merge.
 NOT_COPIED = re.compile(r".*\.safetensors|model\.safetensors\.index\.json|config\.json|reprotune_base\.json")
-TOKENIZER_FILES = re.compile(
-    r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\..*"
-    r"|vocab\.(json|txt)|merges\.txt|.*\.model|.*\.tiktoken"
-)
 # Any value of these adapter settings other than the one listed changes the merge math.
 PLAIN_SETTINGS = {
     "peft_type": "LORA",
@@ -88,10 +115,20 @@ PLAIN_SETTINGS = {
 }
 FALLBACK_SEQUENCE_LEN = 64
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}  # decimal, as save_pretrained's max_shard_size
-# Verification keeps the reference logits (tokens x vocab, fp32) in memory: 4 x 256 tokens of a
-# 128k vocabulary is 0.5 GB, while whole 4k-token sequences would be 8 GB. Every weight is already
+# Verification holds two sequences' logits (tokens x vocab, merge dtype) at a time: 2 x 256 tokens of a
+# 128k vocabulary in bf16 is 0.13 GB, whole 4k-token sequences would be 2 GB. Every weight is already
 # exercised by the first tokens.
 VERIFY_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """The merge stage's input folders (defaults: the pipeline's)."""
+
+    base: Path = layout.BASE
+    adapter: Path = layout.ADAPTER
+    packed: Path = layout.PACKED
+    """Validation sequences for the verification (none: a fixed token sequence)."""
 
 
 # ----------------------------------------------------------------------------- dtype
@@ -99,14 +136,18 @@ VERIFY_MAX_TOKENS = 256
 
 def resolve_dtype(name: str, base_dir: Path) -> torch.dtype:
     """The merge dtype for merge.dtype `name` (auto: bf16 on CUDA sm80+, else the base's stored dtype)."""
-    config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    config = read_config(base_dir)
     if "quantization_config" in config:
-        raise ValueError("the base checkpoint is stored quantized; the merge needs a 16/32-bit base")
+        raise BadInput(
+            f"{Path(base_dir) / 'config.json'}: the base checkpoint is stored quantized "
+            "(quantization_config); the merge needs its 16/32-bit weights: set base.model to the "
+            "unquantized checkpoint and rerun the base stage"
+        )
     if name != "auto":
         return getattr(torch, DTYPE_NAMES[name])
     if cuda_supports_bf16():
         return torch.bfloat16
-    return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")  # v5 / v4 key
+    return getattr(torch, stored_dtype(config) or "float32")
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -266,14 +307,12 @@ def copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: tor
     for p in sorted(Path(base_dir).iterdir()):
         if p.is_file() and not NOT_COPIED.fullmatch(p.name):
             shutil.copyfile(p, Path(out_dir) / p.name)
-    adapter_tok = [p for p in sorted(Path(adapter_dir).iterdir()) if TOKENIZER_FILES.fullmatch(p.name)]
-    if any(p.name == "tokenizer_config.json" for p in adapter_tok):
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
         for p in Path(out_dir).iterdir():  # a full tokenizer replaces the base's, not mixes with it
-            if TOKENIZER_FILES.fullmatch(p.name):
+            if is_tokenizer_file(p.name):
                 p.unlink()
-        for p in adapter_tok:
-            shutil.copyfile(p, Path(out_dir) / p.name)
-    config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+        copy_tokenizer_files(adapter_dir, out_dir)
+    config = read_config(base_dir)
     config.pop("torch_dtype", None)
     config["dtype"] = str(dtype).removeprefix("torch.")
     write_json(Path(out_dir) / "config.json", config)
@@ -287,14 +326,142 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype, 
     return counts
 
 
+# ----------------------------------------------------------------------------- streamed models
+
+
+def hollow_model(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, dict]:
+    """transformers' model for `model_dir`'s config.json with no weights in memory, and where each
+    weight lives: {placeholder parameter: tensor name in the checkpoint}. A placeholder is one NaN
+    broadcast to the parameter's shape (one element of memory) in `dtype`, on the stage's device, so a
+    weight that is never streamed in poisons the logits instead of passing unnoticed. Buffers (rotary
+    frequencies) are real: transformers computes them from the config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    device = device_type()
+    with torch.device(device), init_empty_weights():  # parameters on meta, buffers on the device
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # under init_empty_weights, tied weights (tie_word_embeddings) come out as two
+    aliases: dict[nn.Parameter, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: one parameter, two names
+        aliases.setdefault(p, []).append(name)
+    stored = read_index(model_dir)
+    sources = {}
+    for module_name, module in model.named_modules():
+        for attr, p in list(module.named_parameters(recurse=False)):
+            names = [f"{module_name}.{attr}", *aliases[p]]  # its own name first, then a tied one
+            name = next((n for n in names if n in stored), None)
+            if name is None:
+                raise RuntimeError(f"{model_dir}: no tensor for parameter {names[0]} in the checkpoint")
+            placeholder = torch.full((), math.nan, dtype=dtype, device=device).expand(p.shape)
+            setattr(module, attr, nn.Parameter(placeholder, requires_grad=False))
+            sources[getattr(module, attr)] = name
+    return model.eval(), sources
+
+
+def hollow_peft_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """PeftModel(base, adapter) as a hollow model (see `hollow_model`): the adapter is in memory, the base
+    weights are placeholders. Returns the model and its placeholders' sources."""
+    from peft import PeftModel
+
+    base, sources = hollow_model(base_dir, dtype, trust_remote_code)
+    # low_cpu_mem_usage: peft assigns the saved tensors instead of copying them into the placeholders
+    model = PeftModel.from_pretrained(base, adapter_dir, low_cpu_mem_usage=True).eval()
+    _cast_non_adapter_weights(model, dtype)
+    return model, sources
+
+
+def _cast_non_adapter_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Assigned tensors keep their stored dtype. On a base loaded in `dtype`, peft would have copied the
+    base weights saved with the adapter and the modules_to_save copies into `dtype` parameters (only the
+    LoRA weights keep their own dtype): do the same, or fp32 activations would meet bf16 weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    lora = {
+        p
+        for m in model.modules()
+        if isinstance(m, BaseTunerLayer)
+        for part in m.adapter_layer_names
+        for p in getattr(m, part).parameters()
+    }
+    for module in model.modules():
+        for attr, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != dtype and p not in lora:
+                setattr(module, attr, nn.Parameter(p.to(dtype), requires_grad=False))
+
+
+@contextmanager
+def streamed(model: nn.Module, sources: dict, model_dir: Path, merge_adapters: bool = False) -> Iterator[None]:
+    """While open, each forward of `model` reads its weights from `model_dir` one module at a time:
+    a hook loads a module's tensors (plain reads, see reprotune.tensors) just before it runs and puts
+    the placeholders back after, so at most one module's weights are in memory. A LoRA-wrapped layer is
+    one unit; with `merge_adapters` peft's own merge folds the adapter into its freshly read weight
+    before it runs (and unmerges after: the model is unmerged again when the context closes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    refs = read_index(model_dir)
+    units = _units(model, sources, BaseTunerLayer)
+    held = {
+        unit: _held_base_weights(unit, sources) for unit in units if merge_adapters and isinstance(unit, BaseTunerLayer)
+    }
+
+    def load(unit: nn.Module, _args) -> None:
+        for owner, attr, placeholder in units[unit]:
+            ref = refs[sources[placeholder]]
+            weight = read_tensor(ref, handles[ref.file]).to(placeholder.device, placeholder.dtype)
+            setattr(owner, attr, nn.Parameter(weight, requires_grad=False))
+        if unit in held:
+            for owner, attr, p in held[unit]:
+                setattr(owner, attr, nn.Parameter(p.detach().clone(), requires_grad=False))
+            unit.merge()
+
+    def unload(unit: nn.Module, _args, _output) -> None:
+        if unit in held:
+            unit.unmerge()
+            for owner, attr, p in held[unit]:
+                setattr(owner, attr, p)
+        for owner, attr, placeholder in units[unit]:
+            setattr(owner, attr, placeholder)
+        release_freed_memory()
+
+    release_freed_memory()  # what ran before (the last logits) goes back before this model's weights come in
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(open(f, "rb")) for f in sorted({r.file for r in refs.values()})}
+        for unit in units:
+            stack.callback(unit.register_forward_pre_hook(load).remove)
+            stack.callback(unit.register_forward_hook(unload).remove)
+        yield
+
+
+def _held_base_weights(tuner: nn.Module, sources: dict) -> list:
+    """[(module, attribute, parameter)] of the base weights of a LoRA-wrapped layer that peft holds itself
+    (an embedding saved with the adapter), not streamed. peft's merge writes into the base weight in place:
+    these are merged as copies, so that unmerging cannot leave rounding behind in them."""
+    base = tuner.get_base_layer()
+    return [(base, attr, p) for attr, p in base.named_parameters(recurse=False) if p not in sources]
+
+
+def _units(model: nn.Module, sources: dict, tuner_type: type) -> dict[nn.Module, list]:
+    """{module to hook: [(owner module, attribute, placeholder)]}: every LoRA-wrapped layer (with the
+    placeholders below it, if any: peft may hold the base weight itself), every other placeholder's
+    own module."""
+    tuners = {name: m for name, m in model.named_modules() if isinstance(m, tuner_type)}
+    units: dict[nn.Module, list] = {m: [] for m in tuners.values()}
+    for name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            if p in sources:
+                unit = next((t for prefix, t in tuners.items() if name.startswith(prefix + ".")), module)
+                units.setdefault(unit, []).append((module, attr, p))
+    return units
+
+
 # ----------------------------------------------------------------------------- verification
 
 
 def verify_inputs(packed_dir: Path, n: int, vocab_size: int) -> list[list[int]]:
-    """Token ids of the first `n` validation sequences (at most VERIFY_MAX_TOKENS each), or one fixed
-    sequence without a val split."""
-    from reprotune.evaluate import read_val_sequences
-
+    """Token ids of `n` validation sequences (their first VERIFY_MAX_TOKENS), or one fixed sequence
+    without a val split."""
     seqs = [s.input_ids[:VERIFY_MAX_TOKENS] for s in read_val_sequences(packed_dir, n)]
     if seqs:
         return seqs
@@ -302,45 +469,67 @@ def verify_inputs(packed_dir: Path, n: int, vocab_size: int) -> list[list[int]]:
     return [[(i * 7919) % vocab_size for i in range(FALLBACK_SEQUENCE_LEN)]]
 
 
+def token_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) token ids right-padded with 0, and their (B, T) attention mask. Causal attention never lets
+    a token see the padding after it, and every model sees the same batch."""
+    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    mask = (torch.arange(ids.shape[1]) < torch.tensor([len(s) for s in seqs]).unsqueeze(1)).long()
+    return ids.to(device_type()), mask.to(device_type())
+
+
 @torch.no_grad()
-def logits_of(model, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """fp32 logits (len, vocab) of each sequence, scored alone, on the CPU."""
-    return [
-        model(input_ids=torch.tensor([s], device=model.device), use_cache=False).logits[0].float().cpu() for s in seqs
-    ]
+def hidden_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) output of the model's decoder (everything before the LM head) for a batch, on the CPU."""
+    return model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.cpu()
 
 
-def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+@torch.no_grad()
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(T, vocab) logits of one sequence's (T, H) hidden states through the model's own LM head (what
+    the CausalLM forward of Llama, Qwen2 and Mistral does last), in the model's dtype, on the CPU."""
+    return model.get_output_embeddings()(hidden.to(device_type())).cpu()
 
 
-def reference_logits(
-    base_dir: Path, adapter_dir: Path, dtype: torch.dtype, seqs: list[list[int]], trust_remote_code: bool
-) -> tuple[list[torch.Tensor], float]:
-    """Logits of the unmerged PeftModel(base, adapter), what the merge must reproduce, and the noise
-    floor: max |delta| of peft's own in-place merge_and_unload against them, in this dtype."""
-    from peft import PeftModel
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in fp32, in place: one fp32 copy of `a`."""
+    return float(a.float().sub_(b).abs_().max())
 
-    from reprotune.evaluate import load_model
 
-    model = PeftModel.from_pretrained(load_model(base_dir, dtype, trust_remote_code), adapter_dir).eval()
-    unmerged = logits_of(model, seqs)
-    return unmerged, max_abs_diff(logits_of(model.merge_and_unload(), seqs), unmerged)
+def nan_max(values: list[float]) -> float:
+    """max(values), NaN when one is (Python's max skips a NaN that is not first)."""
+    return float(torch.tensor(values).max())
 
 
 def verify(
-    merged_dir: Path,
-    reference: list[torch.Tensor],
-    noise_floor: float,
-    dtype: torch.dtype,
-    seqs: list[list[int]],
-    trust_remote_code: bool,
+    inputs: MergeInputs, merged_dir: Path, dtype: torch.dtype, seqs: list[list[int]], trust_remote_code: bool
 ) -> dict:
-    """Compare the merged checkpoint's logits with `reference`; raise when they differ."""
-    from reprotune.evaluate import load_model
+    """Compare the logits of the merged checkpoint in `merged_dir` with PeftModel(base, adapter)'s, every
+    model streamed from disk; raise when they differ by more than the tolerance. The decoders run on the
+    whole batch; the LM heads one sequence at a time, so that only two sequences' logits are ever held
+    (a batch's, B x T x vocab, would be the largest thing in memory)."""
+    adapted, base_sources = hollow_peft_model(inputs.base, inputs.adapter, dtype, trust_remote_code)
+    merged, merged_sources = hollow_model(merged_dir, dtype, trust_remote_code)
+    models = {
+        "reference": (adapted, base_sources, inputs.base, False),
+        "merged": (merged, merged_sources, merged_dir, False),
+        "peft-merged": (adapted, base_sources, inputs.base, True),
+    }  # the noise floor
 
-    max_abs = max_abs_diff(logits_of(load_model(merged_dir, dtype, trust_remote_code), seqs), reference)
-    scale = max(float(r.abs().max()) for r in reference)
+    def run(name: str, fn: Callable, *args) -> torch.Tensor:
+        model, sources, folder, merge_adapters = models[name]
+        with streamed(model, sources, folder, merge_adapters):
+            return fn(model, *args)
+
+    hidden = {name: run(name, hidden_states, *token_batch(seqs)) for name in models}
+    scales, diffs, noise = [], [], []
+    for i, n in enumerate(map(len, seqs)):
+        reference = run("reference", head_logits, hidden["reference"][i, :n])
+        diffs.append(max_abs_diff(run("merged", head_logits, hidden["merged"][i, :n]), reference))
+        noise.append(max_abs_diff(run("peft-merged", head_logits, hidden["peft-merged"][i, :n]), reference))
+        scales.append(float(reference.abs().max()))
+    max_abs, noise_floor, scale = nan_max(diffs), nan_max(noise), nan_max(scales)
     tolerance = max(RTOL[dtype] * max(1.0, scale), NOISE_MARGIN * noise_floor)
     result = {
         "max_abs_diff": max_abs,
@@ -359,24 +548,13 @@ def verify(
     return result
 
 
-def merge_and_verify(
-    base_dir: Path,
-    adapter_dir: Path,
-    packed_dir: Path,
-    out_dir: Path,
-    dtype_name: str,
-    verify_sequences: int,
-    max_shard_size: str,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Merge into the empty `out_dir` and verify it; returns the metrics of metrics/merge.json."""
-    start = time.perf_counter()
-    dtype = resolve_dtype(dtype_name, base_dir)
-    vocab = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))["vocab_size"]
-    seqs = verify_inputs(packed_dir, verify_sequences, vocab)
-    reference, noise_floor = reference_logits(base_dir, adapter_dir, dtype, seqs, trust_remote_code)
-    counts = merge(base_dir, adapter_dir, out_dir, dtype, parse_size(max_shard_size))
-    check = verify(out_dir, reference, noise_floor, dtype, seqs, trust_remote_code)
+def merge_and_verify(params: Params, inputs: MergeInputs, out_dir: Path) -> dict:
+    """Merge into the empty `out_dir` and verify it; returns the metrics of metrics/merge.json. Reads
+    merge.dtype, merge.verify_sequences, export.max_shard_size and base.trust_remote_code."""
+    dtype = resolve_dtype(params.merge.dtype, inputs.base)
+    seqs = verify_inputs(inputs.packed, params.merge.verify_sequences, read_config(inputs.base)["vocab_size"])
+    counts = merge(inputs.base, inputs.adapter, out_dir, dtype, parse_size(params.export.max_shard_size))
+    check = verify(inputs, out_dir, dtype, seqs, params.base.trust_remote_code)
     log.info(
         "merged %d tensors into %d shard(s), %s; max |logit delta| %.3g <= %.3g",
         counts["merged_tensors"],
@@ -389,7 +567,6 @@ def merge_and_verify(
         **counts,
         **check,
         "dtype": str(dtype).removeprefix("torch."),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": device_type(),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
-        "seconds": round(time.perf_counter() - start, 3),
     }

@@ -1,35 +1,100 @@
-"""Shared doorway of the stage scripts: logging, the params check, and exit codes.
+"""The doorway every stage script goes through: logging, warnings, the params check, the call of the
+library core, atomic outputs, metrics with timing, and exit codes.
 
-Exit codes: 0 done; 2 bad input (params or data), reported before any model is loaded;
-1 anything else (a bug or a failed run), with the traceback.
+Every library core has one signature, `core(params, inputs, out_dir) -> metrics`:
+  params   the checked params, restricted to the keys dvc.yaml declares for the stage (typed as Params)
+  inputs   a frozen dataclass of the core's input paths (defaults: the pipeline's, see layout.py)
+  out_dir  an empty temporary folder; the core writes its outputs there and returns its metrics
+           (None on the non-main processes of a multi-process run: their folder is discarded)
+The doorway then renames the folder over the stage's output (or moves the files it names into place),
+writes the metrics with the stage's wall time added as `seconds`, and logs the stage's report line.
+
+Exit codes: 0 done; 2 bad input (params or data), one message naming the key or file, reported before
+any model is loaded where the check allows; 1 anything else (a bug or a failed run), with the traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from reprotune.config import EXIT_BAD_INPUT, Params, load_params
+from reprotune.config import Params, load_params
 from reprotune.config.declared import declared_params, restrict
-from reprotune.errors import BadInput
+from reprotune.errors import EXIT_BAD_INPUT, BadInput
+from reprotune.io import atomic_dir, atomic_files, write_json
+
+Core = Callable[[Params, Any, Path], "dict | None"]
+
+# Library notices that say nothing about this run: API renames that peft and the Trainer call inside
+# transformers (the stages use the new names themselves); matched narrowly, by category and message.
+QUIET_WARNINGS = ((FutureWarning, r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"),)
+# bitsandbytes logs that its optional hub-fetched CPU kernels are missing; its own CPU path runs instead
+QUIET_LOG_PREFIXES = ("Failed to load CPU gemm_4bit_forward from kernels-community",)
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(QUIET_LOG_PREFIXES)
 
 
 def run_stage(
     name: str,
-    body: Callable[[Params], None],
+    core: Core,
+    inputs: Any,
+    *,
+    out: Path | None = None,
+    files: dict[str, Path] | None = None,
+    metrics: Path | None = None,
+    report: Callable[[dict], str] | None = None,
     params_path: str | Path = "params.yaml",
     dvc_yaml: str | Path = "dvc.yaml",
-) -> None:
-    """Check all params, then run `body` on a view holding only the keys dvc.yaml declares for `name`.
-
-    Bad input exits 2 with its message before anything is loaded or written.
-    """
+) -> dict | None:
+    """Run stage `name` on the params its dvc.yaml entry declares (see `execute`); bad input exits 2."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet)
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     try:
-        params = load_params(params_path)
-        body(restrict(params, declared_params(name, dvc_yaml), name))
+        params = restrict(load_params(params_path), declared_params(name, dvc_yaml), name)
+        result = execute(core, params, inputs, out=out, files=files, metrics=metrics)
     except BadInput as e:
         print(f"{name}: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    if result is not None and report is not None:
+        logging.info("%s", report(result))
+    return result
+
+
+def execute(
+    core: Core,
+    params: Params,
+    inputs: Any,
+    *,
+    out: Path | None = None,
+    files: dict[str, Path] | None = None,
+    metrics: Path | None = None,
+) -> dict | None:
+    """Call `core` with an empty temporary folder. On success the folder replaces `out` (a folder
+    output) or the `files` it holds (name in the folder -> target path) are moved into place, and the
+    metrics, with `seconds` added, are written to `metrics` and returned. On error nothing is left."""
+    start = time.perf_counter()
+    try:
+        with atomic_dir(out) if out is not None else atomic_files(files) as tmp:
+            result = core(params, inputs, tmp)
+            if result is None:  # not the main process: nothing of this one is kept
+                raise _Discard
+    except _Discard:
+        return None
+    result = {**result, "seconds": round(time.perf_counter() - start, 3)}
+    if metrics is not None:
+        write_json(metrics, result)
+    return result
+
+
+class _Discard(Exception):
+    """Unwinds the output folder of a process whose core returned no metrics."""

@@ -26,7 +26,6 @@ import yaml
 from reprotune.config.sections import Params, build_params
 from reprotune.errors import BadInput
 
-EXIT_BAD_INPUT = 2
 BUILTIN_PREFIX = "builtin:"
 # Built-in models (built by reprotune.model.builtin) and their max positions. Kept here, not imported
 # from the builder, so that checking params never depends on model code (nor reruns with it).

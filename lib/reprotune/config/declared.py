@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
+
+from reprotune.config.sections import Params
 
 
 class UndeclaredParam(AttributeError):
@@ -33,9 +35,10 @@ def declared_params(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[str,
     return tuple(keys)
 
 
-def restrict(params: Any, keys: tuple[str, ...], stage: str, prefix: str = "") -> Any:
-    """A view of the dataclass `params` that only lets `keys` (and their sub-keys) be read."""
-    return _View(params, frozenset(keys), stage, prefix)
+def restrict(params: Params, keys: tuple[str, ...], stage: str) -> Params:
+    """A view of `params` that only lets `keys` (and their sub-keys) be read. It is typed as Params:
+    reading a declared key gives the section dataclasses' own types."""
+    return cast(Params, _View(params, frozenset(keys), stage, ""))
 
 
 class _View:

@@ -1,24 +1,61 @@
-"""Typed params: one frozen dataclass per params.yaml section.
+"""Typed params: one frozen dataclass per params.yaml section, and the one source of params.schema.json.
 
-Stages receive these, never raw dicts. Defaults, allowed values and descriptions live in one place,
-params.schema.json; `check.load_params` fills defaults from it before building these classes, and a
-test keeps the field names here equal to the schema's keys.
+Stages receive these, never raw dicts. Each field says everything about its key:
+  - the annotation gives the JSON type (`X | None` allows null);
+  - `key(default, **constraints)` gives the default and the JSON Schema constraints (`choices` is the enum);
+  - the docstring under it is the description; a section's class docstring describes the section.
+`reprotune.schema` turns these into params.schema.json (`make schema`), and a test keeps the committed
+file equal to what it generates. At run time `check.load_params` validates against that file and fills every
+default from it, then `build_params` builds these classes; so the fields carry their defaults as metadata
+only, never as Python defaults (which would be a second, differently typed copy: tuples for lists,
+dataclasses for mappings).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, get_type_hints
+
+# JSON Schema keywords `key` accepts, plus its own: choices (enum), items (constraints on list items, same
+# keywords), keys (the keys a mapping may have). Checked so that a misspelt keyword fails loudly instead of
+# landing in the schema as an unknown keyword that validators ignore.
+_CONSTRAINTS = frozenset(
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "minLength",
+        "minItems",
+        "uniqueItems",
+        "pattern",
+        "choices",
+        "items",
+        "keys",
+    }
+)
+
+
+def key(default: Any = MISSING, **constraints: Any) -> Any:
+    """A params key: its default (none: the key is required) and its JSON Schema constraints."""
+    unknown = (set(constraints) | set(constraints.get("items", {}))) - _CONSTRAINTS
+    if unknown:
+        raise TypeError(f"unknown constraint(s) {sorted(unknown)}; allowed: {sorted(_CONSTRAINTS)}")
+    metadata = {"schema": constraints} if default is MISSING else {"schema": constraints, "default": default}
+    return field(metadata=metadata)
 
 
 @dataclass(frozen=True)
 class BaseConfig:
-    model: str
-    """builtin:tiny-llama, a local folder under models/local/, or a hub id (org/name)."""
-    revision: str | None
-    """Hub only: branch, tag or commit, resolved to a commit sha recorded in models/base/."""
-    trust_remote_code: bool
-    """Allow model code shipped with a hub model to run."""
+    """Which base model to fine-tune."""
+
+    model: str = key("builtin:tiny-llama", minLength=1)
+    """builtin:tiny-llama (built offline), a local folder under models/local/, or a Hugging Face hub id
+    (org/name)."""
+    revision: str | None = key(None, minLength=1)
+    """Hub ids only: branch, tag or commit; resolved to a commit sha and recorded in models/base/."""
+    trust_remote_code: bool = key(False)
+    """Run model code shipped with a hub model. Off: only architectures built into transformers load."""
 
     @property
     def is_builtin(self) -> bool:
@@ -27,184 +64,208 @@ class BaseConfig:
 
 @dataclass(frozen=True)
 class MessageMapping:
-    role: str
+    role: str = key("role", minLength=1)
     """Message key holding the speaker (ShareGPT: from)."""
-    content: str
+    content: str = key("content", minLength=1)
     """Message key holding the text (ShareGPT: value)."""
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    path: str
-    """Local .jsonl/.json/.parquet/.csv file, or a hub dataset id."""
-    type: str
-    """alpaca | chat | completion."""
-    split: str
-    """Hub datasets: the split to read."""
-    field_instruction: str
+    path: str = key(minLength=1)
+    """A local .jsonl/.json/.parquet/.csv file, or a hub dataset id (org/name)."""
+    type: str = key(choices=("alpaca", "chat", "completion"))
+    """alpaca: instruction/input/output; chat: a list of messages; completion: raw text."""
+    split: str = key("train", minLength=1)
+    """Hub datasets only: the split to read."""
+    field_instruction: str = key("instruction", minLength=1)
     """alpaca: instruction field."""
-    field_input: str
+    field_input: str = key("input", minLength=1)
     """alpaca: optional input field."""
-    field_output: str
+    field_output: str = key("output", minLength=1)
     """alpaca: response field."""
-    field_system: str
+    field_system: str = key("system", minLength=1)
     """alpaca: optional system prompt field."""
-    field_messages: str
-    """chat: list-of-messages field."""
-    message_property_mappings: MessageMapping
-    """chat: keys of role and content in each message."""
-    roles: dict[str, tuple[str, ...]]
-    """chat: extra role aliases per canonical role."""
-    field_text: str
-    """completion: text field."""
+    field_messages: str = key("messages", minLength=1)
+    """chat: the list of messages (ShareGPT: conversations)."""
+    message_property_mappings: MessageMapping = key({"role": "role", "content": "content"})
+    """chat: which message keys hold role and content (ShareGPT: from / value)."""
+    roles: dict[str, tuple[str, ...]] = key({}, keys=("system", "user", "assistant", "tool"))
+    """chat: extra role names mapped to system/user/assistant/tool (human and gpt are known already)."""
+    field_text: str = key("text", minLength=1)
+    """completion: the text field."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    datasets: tuple[DatasetConfig, ...]
+    """Training data: files to read and how to treat bad records."""
+
+    datasets: tuple[DatasetConfig, ...] = key(({"path": "data/sample/alpaca.jsonl", "type": "alpaca"},), minItems=1)
     """Data sources, read in order."""
-    on_invalid: str
-    """reject (keep going, rejects file) | error (stop at the first bad record)."""
-    dedup: bool
-    """Drop exact duplicates after normalisation."""
+    on_invalid: str = key("reject", choices=("reject", "error"))
+    """reject: keep bad records in data/validated/rejects.jsonl with a reason and go on; error: stop at the
+    first bad record."""
+    dedup: bool = key(True)
+    """Drop exact duplicates of an earlier record (after normalisation); they are counted in metrics."""
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    sequence_len: int
-    """Tokens per training row."""
-    sample_packing: bool
-    """Pack several sequences per row (best-fit decreasing)."""
-    train_on_inputs: bool
-    """Also put labels on prompt tokens."""
-    roles_to_train: tuple[str, ...]
-    """Chat roles whose turns carry labels."""
-    alpaca_format: str
-    """alpaca (### prompt) | chat_template."""
-    excess_length: str
-    """drop | truncate | error, for sequences over sequence_len."""
-    val_set_size: float
-    """Fraction in [0, 1) or a whole count >= 1."""
-    seed: int
-    """Split and shuffle seed."""
-    num_proc: int
-    """Tokenizer worker processes (output does not depend on it)."""
-    batch_size: int
-    """Records per tokenizer batch (output does not depend on it)."""
+    """Prompt templates, label masking, train/val split and packing."""
+
+    sequence_len: int = key(2048, minimum=16, maximum=1048576)
+    """Tokens per training row (a packed bin or one padded sequence). Longer: more context, more memory."""
+    sample_packing: bool = key(True)
+    """Pack several sequences per row (best-fit decreasing). Faster training; positions restart per sequence."""
+    train_on_inputs: bool = key(False)
+    """Also train on prompt tokens. Off: labels are -100 outside the response / trained turns."""
+    roles_to_train: tuple[str, ...] = key(
+        ("assistant",), minItems=1, uniqueItems=True, items={"choices": ("system", "user", "assistant", "tool")}
+    )
+    """Chat roles whose turns (and end-of-turn tokens) carry labels."""
+    alpaca_format: str = key("alpaca", choices=("alpaca", "chat_template"))
+    """How alpaca records are rendered: the ### Instruction/### Input/### Response prompt, or the tokenizer's
+    chat template."""
+    excess_length: str = key("drop", choices=("drop", "truncate", "error"))
+    """A sequence longer than sequence_len: drop it (counted), cut it, or stop with an error."""
+    val_set_size: float = key(0.05, minimum=0)
+    """Validation split: a fraction in [0, 1) of the sequences, or a whole count >= 1. 0: no validation."""
+    seed: int = key(42, minimum=0)
+    """Seed of the train/val split and the shuffle."""
+    num_proc: int = key(2, minimum=1, maximum=256)
+    """Worker processes for tokenization. Does not change the output."""
+    batch_size: int = key(1000, minimum=1)
+    """Records per tokenizer batch. Bigger: faster, more memory. Does not change the output."""
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    load_in_4bit: bool
-    """QLoRA: base frozen in 4 bits."""
-    bnb_4bit_quant_type: str
-    """nf4 | fp4."""
-    bnb_4bit_use_double_quant: bool
-    """Quantize the quantization constants."""
-    bnb_4bit_compute_dtype: str
-    """auto | bf16 | fp16 | fp32."""
-    bnb_4bit_quant_storage: str
-    """auto | uint8 | bf16 | fp16 | fp32."""
+    """4-bit loading of the base for training (QLoRA)."""
+
+    load_in_4bit: bool = key(True)
+    """Load the frozen base in 4 bits (QLoRA). Off: plain LoRA on a 16/32-bit base."""
+    bnb_4bit_quant_type: str = key("nf4", choices=("nf4", "fp4"))
+    """4-bit data type; NF4 is the QLoRA paper's."""
+    bnb_4bit_use_double_quant: bool = key(True)
+    """Quantize the quantization constants too (the QLoRA paper measures a saving of 0.37 bits per parameter)."""
+    bnb_4bit_compute_dtype: str = key("auto", choices=("auto", "bf16", "fp16", "fp32"))
+    """Dtype of the de-quantized matmuls. auto: the training dtype."""
+    bnb_4bit_quant_storage: str = key("auto", choices=("auto", "uint8", "bf16", "fp16", "fp32"))
+    """Storage dtype of packed 4-bit weights. auto: uint8, or the compute dtype under FSDP."""
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int
-    """Adapter rank."""
-    alpha: float
-    """Scale numerator (alpha / r)."""
-    dropout: float
-    """Adapter input dropout."""
-    target_linear: bool
-    """Adapt every linear layer but the output head."""
-    target_modules: tuple[str, ...] | None
-    """Explicit module name suffixes (exclusive with target_linear)."""
-    modules_to_save: tuple[str, ...] | None
-    """Modules trained in full."""
-    use_rslora: bool
-    """alpha / sqrt(r) scaling."""
-    use_dora: bool
-    """Weight-decomposed LoRA."""
+    """The low-rank adapter."""
+
+    r: int = key(32, minimum=1, maximum=4096)
+    """Adapter rank. Higher: more capacity, more trainable parameters."""
+    alpha: float = key(16, exclusiveMinimum=0)
+    """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = key(0.05, minimum=0, maximum=1, exclusiveMaximum=1)
+    """Dropout on the adapter input."""
+    target_linear: bool = key(True)
+    """Adapt every linear layer except the output head. Exclusive with target_modules."""
+    target_modules: tuple[str, ...] | None = key(None, items={"minLength": 1}, minItems=1)
+    """Module name suffixes to adapt (e.g. [q_proj, v_proj]); each must match a module."""
+    modules_to_save: tuple[str, ...] | None = key(None, items={"minLength": 1})
+    """Modules trained in full and saved with the adapter (embed_tokens, lm_head when tokens were added)."""
+    use_rslora: bool = key(False)
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = key(False)
+    """Weight-decomposed LoRA (DoRA)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    micro_batch_size: int
-    """Rows per device per step."""
-    gradient_accumulation_steps: int
+    """The optimisation run."""
+
+    micro_batch_size: int = key(2, minimum=1)
+    """Rows (bins) per device per step."""
+    gradient_accumulation_steps: int = key(4, minimum=1)
     """Micro-batches per optimizer step."""
-    num_epochs: float
-    """Passes over the training split."""
-    max_steps: int
-    """Optimizer steps; <= 0 uses num_epochs."""
-    learning_rate: float
+    num_epochs: float = key(1, exclusiveMinimum=0)
+    """Passes over the training split (ignored when max_steps > 0)."""
+    max_steps: int = key(-1, minimum=-1)
+    """Optimizer steps; -1 or 0: use num_epochs."""
+    learning_rate: float = key(0.0002, exclusiveMinimum=0, maximum=1)
     """Peak learning rate."""
-    lr_scheduler: str
-    """cosine | linear | constant."""
-    warmup_ratio: float | None
-    """Warmup fraction (exclusive with warmup_steps)."""
-    warmup_steps: int | None
-    """Warmup steps (exclusive with warmup_ratio)."""
-    weight_decay: float
-    """AdamW weight decay."""
-    max_grad_norm: float
-    """Clipping norm; 0 disables."""
-    optimizer: str
-    """adamw_torch | paged_adamw_8bit | adamw_bnb_8bit."""
-    seed: int
-    """Adapter init, dropout and data order."""
-    bf16: str | bool
-    """auto | true | false."""
-    fp16: bool
-    """float16 mixed precision."""
-    attn_implementation: str
-    """auto | sdpa | eager | flash_attention_2."""
-    gradient_checkpointing: bool
-    """Recompute activations in backward."""
-    eval_steps: int
-    """Evaluate every N optimizer steps."""
-    save_steps: int
-    """Checkpoint every N optimizer steps."""
-    logging_steps: int
-    """Log every N optimizer steps."""
-    loss_watchdog_threshold: float | None
-    """Stop when the loss stays above this; None disables."""
-    loss_watchdog_patience: int
-    """Logs above the threshold before stopping."""
-    launcher: str
-    """auto | python | accelerate."""
+    lr_scheduler: str = key("cosine", choices=("cosine", "linear", "constant"))
+    """Decay after warmup."""
+    warmup_ratio: float | None = key(None, minimum=0, maximum=1)
+    """Warmup as a fraction of steps. Exclusive with warmup_steps."""
+    warmup_steps: int | None = key(None, minimum=0)
+    """Warmup in steps. Exclusive with warmup_ratio."""
+    weight_decay: float = key(0.0, minimum=0)
+    """AdamW weight decay on adapter weights."""
+    max_grad_norm: float = key(1.0, minimum=0)
+    """Gradient clipping norm; 0 disables."""
+    optimizer: str = key("adamw_torch", choices=("adamw_torch", "paged_adamw_8bit", "adamw_bnb_8bit"))
+    """8-bit optimizers save memory on large adapters; adamw_torch is exact and runs everywhere."""
+    seed: int = key(42, minimum=0)
+    """Seed of adapter init, dropout and data order."""
+    bf16: str | bool = key("auto", choices=("auto", True, False))
+    """bfloat16 mixed precision. auto: on CUDA sm80+ only."""
+    fp16: bool = key(False)
+    """float16 mixed precision (older GPUs). Exclusive with bf16: true."""
+    attn_implementation: str = key("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    """auto: flash_attention_2 when installed on CUDA, else sdpa."""
+    gradient_checkpointing: bool = key(True)
+    """Recompute activations in backward: much less activation memory, one more forward pass of time."""
+    eval_steps: int = key(50, minimum=1)
+    """Evaluate on the validation split every N optimizer steps."""
+    save_steps: int = key(50, minimum=1)
+    """Write a resumable checkpoint every N optimizer steps."""
+    logging_steps: int = key(10, minimum=1)
+    """Log loss and learning rate every N optimizer steps."""
+    loss_watchdog_threshold: float | None = key(5.0, exclusiveMinimum=0)
+    """Stop when the training loss stays above this for `loss_watchdog_patience` logs; null disables."""
+    loss_watchdog_patience: int = key(3, minimum=1)
+    """Consecutive logs above the threshold before stopping."""
+    launcher: str = key("auto", choices=("auto", "python", "accelerate"))
+    """auto: accelerate launch when several GPUs are visible, else a plain process."""
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    dtype: str
-    """auto | bf16 | fp16 | fp32 (never 4-bit)."""
-    verify_sequences: int
-    """Sequences on which merged logits must equal base+adapter logits."""
+    """Folding the adapter into a 16-bit copy of the base."""
+
+    dtype: str = key("auto", choices=("auto", "bf16", "fp16", "fp32"))
+    """dtype of the merged weights. auto: bf16 on CUDA sm80+, else the base's stored dtype. Never 4-bit."""
+    verify_sequences: int = key(4, minimum=1)
+    """Validation sequences on which merged logits must equal base+adapter logits."""
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    max_sequences: int
-    """Validation sequences scored."""
-    max_new_tokens: int
-    """Greedy generation length."""
-    num_samples: int
+    """Base vs tuned on the validation split."""
+
+    max_sequences: int = key(200, minimum=1)
+    """Validation sequences scored for loss and exact match."""
+    max_new_tokens: int = key(32, minimum=1)
+    """Greedy generation length for exact-match checks."""
+    num_samples: int = key(8, minimum=0)
     """Generations written to metrics/samples.jsonl."""
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    formats: tuple[str, ...]
-    """safetensors and optionally gguf."""
-    max_shard_size: str
-    """Largest safetensors shard (e.g. 2GB)."""
-    gguf_dtype: str
-    """f16 | f32."""
+    """The deployable folder."""
+
+    formats: tuple[str, ...] = key(
+        ("safetensors",), minItems=1, uniqueItems=True, items={"choices": ("safetensors", "gguf")}
+    )
+    """safetensors always; gguf adds a llama.cpp file (Llama architectures)."""
+    max_shard_size: str = key("2GB", pattern=r"^[0-9]+(\.[0-9]+)?(KB|MB|GB)$")
+    """Largest safetensors shard, e.g. 500MB or 5GB."""
+    gguf_dtype: str = key("f16", choices=("f16", "f32"))
+    """Tensor type of the GGUF file."""
 
 
 @dataclass(frozen=True)
 class Params:
+    """One section per pipeline stage. Every key is optional; the default is used when a key is left out."""
+
     base: BaseConfig
     data: DataConfig
     tokenize: TokenizeConfig
@@ -214,6 +275,11 @@ class Params:
     merge: MergeConfig
     evaluate: EvaluateConfig
     export: ExportConfig
+
+
+# The section list, in params.yaml (and model card) order, read off Params so it exists once.
+SECTION_TYPES: dict[str, type] = {f.name: get_type_hints(Params)[f.name] for f in fields(Params)}
+SECTIONS: tuple[str, ...] = tuple(SECTION_TYPES)
 
 
 def _tuple(value: Any) -> Any:
@@ -226,19 +292,6 @@ def _dataset(raw: dict) -> DatasetConfig:
     raw["message_property_mappings"] = MessageMapping(**raw["message_property_mappings"])
     raw["roles"] = {k: tuple(v) for k, v in sorted(raw["roles"].items())}
     return DatasetConfig(**raw)
-
-
-SECTION_TYPES: dict[str, type] = {
-    "base": BaseConfig,
-    "data": DataConfig,
-    "tokenize": TokenizeConfig,
-    "quant": QuantConfig,
-    "lora": LoraConfig,
-    "train": TrainConfig,
-    "merge": MergeConfig,
-    "evaluate": EvaluateConfig,
-    "export": ExportConfig,
-}
 
 
 def build_params(filled: dict) -> Params:

@@ -1,9 +1,5 @@
-"""Record rules per dataset type, and normalisation to one canonical schema.
+"""Record rules per dataset type, and normalisation to the canonical record of reprotune.records.
 
-Canonical record (one Parquet schema for all types; fields of other types are null):
-  alpaca     -> system?, instruction, input ("" when absent), output
-  chat       -> messages: [{role: system|user|assistant|tool, content}], system only first
-  completion -> text
 Normalisation: CRLF/CR become LF and text is Unicode NFC, so the same content typed on Windows or
 macOS hashes the same. Nothing else is changed: whitespace is part of what the model learns.
 A bad record raises RecordError(code, detail); codes are the keys of rejected_by_reason in metrics.
@@ -17,6 +13,7 @@ import unicodedata
 from typing import Any
 
 from reprotune.config.sections import DatasetConfig
+from reprotune.records import CONTENT
 
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 # Role names seen in the wild (ShareGPT, Gemini, OpenAI functions) -> canonical role.
@@ -32,7 +29,6 @@ KNOWN_ROLE_ALIASES = {
     "function": "tool",
     "ipython": "tool",
 }
-COLUMNS = ("id", "source", "line", "type", "system", "instruction", "input", "output", "messages", "text")
 
 
 class RecordError(Exception):
@@ -63,7 +59,7 @@ def normalise(record: Any, ds: DatasetConfig) -> dict:
 
 def record_id(canonical: dict) -> str:
     """Content hash of the normalised record: equal content, equal id (used for dedup)."""
-    content = {k: canonical[k] for k in COLUMNS if k not in ("id", "source", "line")}
+    content = {k: canonical[k] for k in CONTENT}
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 

@@ -1,7 +1,7 @@
 """The validate stage's core: every record kept (normalised, deduplicated) or rejected with a reason.
 
 Outputs (in the folder given, which the stage swaps in atomically):
-  records.parquet    canonical records in input order, zstd, row groups of ROW_GROUP rows
+  records.parquet    canonical records in input order (format: reprotune.records)
   rejects.jsonl      {source, line, reason, detail, record|raw} per rejected record
   duplicates.jsonl   {source, line, duplicate_of} per dropped duplicate
 Invariant, checked before returning: read = kept + rejected + duplicates.
@@ -18,31 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from reprotune.config.sections import DataConfig
+from reprotune.config import Params
 from reprotune.data.readers import DataError, RawRecord, read_source
-from reprotune.data.rules import COLUMNS, RecordError, normalise, record_id
+from reprotune.data.rules import RecordError, normalise, record_id
+from reprotune.records import RECORDS, ROW_GROUP, RecordsWriter
 
 log = logging.getLogger(__name__)
-ROW_GROUP = 10_000
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("line", pa.int64()),
-        ("type", pa.string()),
-        ("system", pa.string()),
-        ("instruction", pa.string()),
-        ("input", pa.string()),
-        ("output", pa.string()),
-        ("messages", pa.list_(MESSAGE)),
-        ("text", pa.string()),
-    ]
-)
 
 
 @dataclass
@@ -63,11 +46,18 @@ class Counts:
         }
 
 
-def validate(cfg: DataConfig, root: Path, out_dir: Path) -> dict:
-    """Validate every dataset in `cfg` into `out_dir`; returns metrics (totals and per source)."""
+@dataclass(frozen=True)
+class ValidateInputs:
+    repo_root: Path = Path(".")
+    """Local data.datasets paths are read relative to it."""
+
+
+def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
+    """Validate every dataset of params.data into `out_dir`; returns metrics (totals and per source)."""
+    cfg, root = params.data, inputs.repo_root
     total, per_source, seen = Counts(), {}, {}
     with (
-        pq.ParquetWriter(out_dir / "records.parquet", SCHEMA, compression="zstd") as writer,
+        RecordsWriter(out_dir / RECORDS) as writer,
         open(out_dir / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rejects,
         open(out_dir / "duplicates.jsonl", "w", encoding="utf-8", newline="\n") as duplicates,
     ):
@@ -91,7 +81,7 @@ def validate(cfg: DataConfig, root: Path, out_dir: Path) -> dict:
 class _Sink:
     """Routes each raw record to the Parquet buffer, the rejects file or the duplicates file."""
 
-    def __init__(self, writer: pq.ParquetWriter, rejects: IO, duplicates: IO, on_invalid: str):
+    def __init__(self, writer: RecordsWriter, rejects: IO, duplicates: IO, on_invalid: str):
         self.writer, self.rejects, self.duplicates = writer, rejects, duplicates
         self.on_invalid = on_invalid
         self.rows: list[dict] = []
@@ -130,8 +120,7 @@ class _Sink:
 
     def flush(self) -> None:
         if self.rows:
-            table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in self.rows], schema=SCHEMA)
-            self.writer.write_table(table, row_group_size=ROW_GROUP)
+            self.writer.write(self.rows)
             self.rows = []
 
 

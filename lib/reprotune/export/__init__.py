@@ -9,8 +9,7 @@ Modules (import the one you need; this package file imports nothing):
 - manifest.py  manifest.json (SHA-256 of every file) and `verify_manifest`.
 - gguf.py      a llama.cpp GGUF file (f16/f32) for Llama-architecture models, written with the `gguf`
                package: llama.cpp tensor names, rotary Q/K permutation, hyperparameters, BPE tokenizer.
-- tensors.py   streaming safetensors reads and writes (one tensor in memory at a time), shared with
-               the merge.
+               Tensors stream from the merged shards through reprotune.tensors.
 
 Trade-offs: GGUF is written directly (no llama.cpp checkout or converter script), so only the
 Llama layout and byte-level BPE tokenizers are covered; other architectures are refused with a

@@ -11,19 +11,34 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from reprotune import __version__
+from reprotune import __version__, layout
+from reprotune.config import Params
 from reprotune.export.card import model_title, render_card
 from reprotune.export.gguf import check_llama, write_gguf
 from reprotune.export.manifest import verify_manifest, write_manifest
 from reprotune.io import atomic_file, sha256_file
+from reprotune.loading import PROVENANCE_FILE
 
 log = logging.getLogger(__name__)
+# The card quotes the metrics of the stages that made the model. Not validate/tokenize: their metrics
+# hold run times, and a clone that reruns those cheap stages would otherwise rerun export too.
+QUOTED_STAGES = ("train", "merge", "evaluate")
 
 
-def dataset_hashes(params: Any, root: Path) -> list[dict]:
+@dataclass(frozen=True)
+class ExportInputs:
+    merged: Path = layout.MERGED
+    provenance: Path = layout.BASE / PROVENANCE_FILE
+    metrics: tuple[Path, ...] = field(default_factory=lambda: tuple(map(layout.metrics_file, QUOTED_STAGES)))
+    """Read by name, not globbed, so the card holds exactly the stage's declared deps."""
+    repo_root: Path = Path(".")
+    """data.datasets paths are hashed relative to it."""
+
+
+def dataset_hashes(params: Params, root: Path) -> list[dict]:
     """path, type and SHA-256 of each data.datasets file (hub datasets: no local file to hash)."""
     out = []
     for d in params.data.datasets:
@@ -38,36 +53,30 @@ def read_metrics(files: list[Path]) -> dict[str, dict]:
     return {Path(p).stem: json.loads(Path(p).read_text(encoding="utf-8")) for p in files if Path(p).is_file()}
 
 
-def build_export(
-    params: Any,
-    merged_dir: Path,
-    provenance_file: Path,
-    metrics_files: list[Path],
-    out_dir: Path,
-    root: Path = Path("."),
-) -> dict:
-    """Fill the existing empty `out_dir`; returns a summary (files, bytes, formats).
-
-    `metrics_files` are read by name, not globbed, so the card holds exactly the stage's declared deps.
-    """
-    formats = params.export.formats
+def build_export(params: Params, inputs: ExportInputs, out_dir: Path) -> dict:
+    """Fill the existing empty `out_dir`; returns a summary (files, bytes, formats, the evaluation)."""
+    merged_dir, formats = Path(inputs.merged), params.export.formats
     if "gguf" in formats:  # refuse before copying gigabytes
-        check_llama(json.loads((Path(merged_dir) / "config.json").read_text(encoding="utf-8")))
-    for p in sorted(Path(merged_dir).iterdir()):
+        check_llama(json.loads((merged_dir / "config.json").read_text(encoding="utf-8")))
+    for p in sorted(merged_dir.iterdir()):
         if p.is_file():
             shutil.copyfile(p, Path(out_dir) / p.name)
-    provenance = json.loads(Path(provenance_file).read_text(encoding="utf-8"))
+    provenance = json.loads(Path(inputs.provenance).read_text(encoding="utf-8"))
     if "gguf" in formats:
         dtype = params.export.gguf_dtype
         write_gguf(merged_dir, Path(out_dir) / f"model.{dtype}.gguf", dtype, model_title(provenance["model"]))
     files = sorted(p.name for p in Path(out_dir).iterdir())
-    card = render_card(
-        params, provenance, dataset_hashes(params, root), files, read_metrics(metrics_files), __version__
-    )
+    metrics = read_metrics(list(inputs.metrics))
+    card = render_card(params, provenance, dataset_hashes(params, inputs.repo_root), files, metrics, __version__)
     with atomic_file(Path(out_dir) / "README.md") as f:
         f.write(card)
     manifest = write_manifest(out_dir)
     verify_manifest(out_dir)
     size = sum((Path(out_dir) / name).stat().st_size for name in manifest["files"])
     log.info("exported %d files (%.1f MB), formats %s", len(manifest["files"]), size / 1e6, list(formats))
-    return {"files": len(manifest["files"]), "bytes": size, "formats": list(formats)}
+    return {
+        "files": len(manifest["files"]),
+        "bytes": size,
+        "formats": list(formats),
+        "evaluate": metrics.get("evaluate", {}),
+    }

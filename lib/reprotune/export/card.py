@@ -26,13 +26,15 @@ from typing import Any
 
 import yaml
 
+from reprotune.config import Params
+from reprotune.config.sections import SECTIONS
+
 HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE|CREDENTIAL|AUTH", re.IGNORECASE)
 MIN_SECRET_LEN = 8  # shorter values ("1", "true") would scrub ordinary words
 # An absolute path not inside a URL, a relative path or a tag like </s>: not after a word char . : / ~ < -
 ABS_PATH = re.compile(r"(?<![\w.:/~<-])(?:~?/|[A-Za-z]:\\)[^\s`'\"|<>()\[\]]+")
 VOLATILE = re.compile(r"seconds|_s$|time|rss|memory|per_s|throughput|device|gpu|host|hardware", re.IGNORECASE)
-SECTIONS = ("base", "data", "tokenize", "quant", "lora", "train", "merge", "evaluate", "export")
 
 
 def scrub(text: str, env: dict[str, str] | None = None) -> str:
@@ -47,7 +49,7 @@ def scrub(text: str, env: dict[str, str] | None = None) -> str:
     return ABS_PATH.sub(lambda m: "<local>/" + re.split(r"[/\\]", m.group(0).rstrip("/\\"))[-1], text)
 
 
-def params_dict(params: Any) -> dict:
+def params_dict(params: Params) -> dict:
     """All params sections as plain data (lists, not tuples) in schema order."""
 
     def plain(x: Any) -> Any:
@@ -85,7 +87,7 @@ def model_title(model: str) -> str:
 
 
 def render_card(
-    params: Any, provenance: dict, data_files: list[dict], files: list[str], metrics: dict[str, dict], version: str
+    params: Params, provenance: dict, data_files: list[dict], files: list[str], metrics: dict[str, dict], version: str
 ) -> str:
     """The scrubbed README.md text."""
     model = provenance.get("model", params.base.model)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from reprotune.errors import BadInput
-from reprotune.export.tensors import TensorRef, natural_key, read_index, read_tensor
+from reprotune.tensors import TensorRef, natural_key, read_index, read_tensor
 
 log = logging.getLogger(__name__)
 

@@ -16,22 +16,27 @@ from __future__ import annotations
 import fnmatch
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprotune.config import Params
 from reprotune.config.check import BUILTIN_PREFIX
+from reprotune.errors import BadInput
 from reprotune.io import sha256_tree, write_json
+from reprotune.loading import PROVENANCE_FILE, TOKENIZER_FILES
 from reprotune.model.builtin import build_tiny_llama
 
-PROVENANCE_FILE = "reprotune_base.json"
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-llama": build_tiny_llama}
 
 # Files a model folder needs for loading, tokenizing and chat formatting; never pickles.
 LOCAL_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json", "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken",
-]  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    *TOKENIZER_FILES,
+]
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.jinja", "*.tiktoken",
                 "merges.txt", "vocab.txt"]  # fmt: skip
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]
@@ -39,20 +44,21 @@ PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]
 CODE_PATTERNS = ["*.py"]
 
 
-def resolve_base(
-    model: str,
-    revision: str | None,
-    out_dir: Path,
-    *,
-    trust_remote_code: bool = False,
-    repo_root: Path = Path("."),
-) -> dict[str, Any]:
-    """Fill the empty `out_dir` with the base model `model`; return (and write) its provenance."""
+@dataclass(frozen=True)
+class BaseInputs:
+    repo_root: Path = Path(".")
+    """Local base models are read relative to it (they lie under models/local/)."""
+
+
+def resolve_base(params: Params, inputs: BaseInputs, out_dir: Path) -> dict[str, Any]:
+    """Fill the empty `out_dir` with the base model of params.base; return (and write) its provenance."""
+    cfg = params.base
+    model, revision, trust_remote_code = cfg.model, cfg.revision, cfg.trust_remote_code
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
-        raise ValueError(f"base model output folder {out_dir} is not empty")
-    local = Path(model) if Path(model).is_absolute() else Path(repo_root) / model
+        raise RuntimeError(f"base model output folder {out_dir} is not empty")
+    local = Path(model) if Path(model).is_absolute() else Path(inputs.repo_root) / model
     if model.startswith(BUILTIN_PREFIX):
         prov = _from_builtin(model, out_dir)
     elif local.exists():
@@ -68,14 +74,14 @@ def _from_builtin(model: str, out_dir: Path) -> dict[str, Any]:
     name = model[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_MODELS))
-        raise ValueError(f"unknown built-in model {model!r}; known: {known}")
+        raise BadInput(f"base.model: unknown built-in model {model!r}; known: {known}")
     BUILTIN_MODELS[name](out_dir)
     return {"source": "builtin", "model": model, "revision": None, "commit_sha": None}
 
 
 def _from_local(model: str, src: Path, out_dir: Path, trust_remote_code: bool) -> dict[str, Any]:
     if not src.is_dir():
-        raise ValueError(f"local base model {model!r} is not a folder")
+        raise BadInput(f"base.model: {model!r} is not a folder")
     names = sorted(p.name for p in src.iterdir() if p.is_file())
     _check_weights(model, names)
     patterns = LOCAL_PATTERNS + (CODE_PATTERNS if trust_remote_code else [])
@@ -89,9 +95,11 @@ def _from_local(model: str, src: Path, out_dir: Path, trust_remote_code: bool) -
 
 def _from_hub(model: str, revision: str | None, out_dir: Path, trust_remote_code: bool) -> dict[str, Any]:
     if model.count("/") != 1 or model.startswith(("/", ".")):
-        raise ValueError(f"base model {model!r} is neither builtin:<name>, an existing folder, nor a hub id org/name")
+        raise BadInput(f"base.model: {model!r} is neither builtin:<name>, an existing folder, nor a hub id org/name")
     if not revision:
-        raise ValueError(f"hub model {model!r} needs a revision (a commit sha, tag or branch) to be reproducible")
+        raise BadInput(
+            f"base.revision: hub model {model!r} needs a revision (a commit sha, tag or branch) to be reproducible"
+        )
     from huggingface_hub import HfApi, snapshot_download
 
     sha = HfApi().model_info(model, revision=revision).sha
@@ -112,14 +120,14 @@ def _from_hub(model: str, revision: str | None, out_dir: Path, trust_remote_code
 
 def _check_weights(model: str, names: list[str]) -> None:
     if "config.json" not in names:
-        raise ValueError(f"base model {model!r} has no config.json")
+        raise BadInput(f"base.model: {model!r} has no config.json")
     if not any(fnmatch.fnmatch(n, "*.safetensors") for n in names):
         if any(_matches(n, PICKLE_PATTERNS) for n in names):
-            raise ValueError(
-                f"base model {model!r} has only pickle weights (*.bin/*.pt); safetensors only: "
+            raise BadInput(
+                f"base.model: {model!r} has only pickle weights (*.bin/*.pt); safetensors only: "
                 "pickles can run arbitrary code when loaded. Convert them to .safetensors first."
             )
-        raise ValueError(f"base model {model!r} has no *.safetensors weights")
+        raise BadInput(f"base.model: {model!r} has no *.safetensors weights")
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

@@ -19,13 +19,11 @@ thread, and the written JSON holds no paths or timestamps.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from reprotune.config.check import BUILTIN_MAX_POSITIONS
+from reprotune.io import temporary_env
 
 CORPUS = Path(__file__).with_name("tiny_corpus.txt")
 VOCAB_SIZE = 4096
@@ -57,21 +55,6 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> None:
     _save_model(out_dir, tokenizer, seed)
 
 
-@contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
-    # tokenizers reads TOKENIZERS_PARALLELISM on every call; serial training rules out any
-    # thread-order effect on merge ties, at a cost of about a second on this corpus.
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
 def _train_bpe():
     """Train the byte-level BPE on the fixed corpus; returns a `tokenizers.Tokenizer`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -87,7 +70,9 @@ def _train_bpe():
     )
     # Lines keep their "\n" so newline runs (the prompt format relies on them) get merges too.
     lines = CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
-    with _single_threaded():
+    # tokenizers reads TOKENIZERS_PARALLELISM on every call; serial training rules out any
+    # thread-order effect on merge ties, at a cost of about a second on this corpus.
+    with temporary_env("TOKENIZERS_PARALLELISM", "false"):
         tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
     return tok
 

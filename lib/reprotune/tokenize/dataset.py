@@ -1,13 +1,7 @@
 """The tokenize stage's core: validated records -> masked, packed training rows in Parquet.
 
-Outputs (in the folder given, which the stage swaps in atomically):
-  train/part-00000.parquet ...  rows of input_ids, labels, position_ids, seq_lens (all list<int32>),
-  val/part-00000.parquet ...    zstd, row groups of ROW_GROUP_ROWS rows, at most SHARD_ROWS rows a file
-                                (a split with no rows has no files)
-  manifest.json                 sequence_len, packed, columns, per split: files, rows, sequences,
-                                tokens, supervised_tokens
-A row is one packed bin (or one sequence with packing off): its sequences back to back,
-position_ids restarting at 0 for each, seq_lens their lengths; no sequence is split across rows.
+Output (in the folder given, which the stage swaps in atomically): the data/packed layout of
+reprotune.packed, train and val splits plus manifest.json.
 
 Features
 - Streaming, bounded memory: records are read in batches of batch_size and tokenized (templates.py)
@@ -36,13 +30,10 @@ Trade-offs
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import multiprocessing as mp
-import os
 import shutil
-import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,20 +42,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from reprotune import packed
+from reprotune.config import Params
 from reprotune.config.sections import TokenizeConfig
-from reprotune.io import write_json
-from reprotune.tokenize.packing import lower_bound_bins, pack_best_fit_decreasing
-from reprotune.tokenize.templates import IGNORE_INDEX, PromptEncoder, TokenizeError
+from reprotune.io import temporary_env
+from reprotune.layout import BASE, VALIDATED
+from reprotune.packed import IGNORE_INDEX
+from reprotune.records import RECORDS, count_records, iter_record_batches
+from reprotune.tokenize.packing import lower_bound_bins, pack_best_fit_decreasing, packing_efficiency
+from reprotune.tokenize.templates import PromptEncoder, TokenizeError
 
 log = logging.getLogger(__name__)
-COLUMNS = ("input_ids", "labels", "position_ids", "seq_lens")
-SCHEMA = pa.schema([(c, pa.list_(pa.int32())) for c in COLUMNS])
-ROW_GROUP_ROWS = 1000
-SHARD_ROWS = 50_000
-RECORD_COLUMNS = ["source", "line", "type", "system", "instruction", "input", "output", "messages", "text"]
 SPILL = ".spill"
 COUNTS = ("dropped_too_long", "truncated", "dropped_no_trainable")
 
@@ -119,26 +109,13 @@ def _work(task: tuple[int, list[dict]]) -> Batch:
     return encode_batch(_WORKER_ENCODER, *task)
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 def ordered_batches(encoder: PromptEncoder, tasks, num_proc: int) -> Iterator[Batch]:
     """encode_batch over `tasks`, results in task order, at most 2 x num_proc tasks in flight."""
     if num_proc == 1:
         yield from (encode_batch(encoder, *t) for t in tasks)
         return
     # Forked workers inherit this env: one Rust thread each, and no "forked after parallelism" warning.
-    with _env("TOKENIZERS_PARALLELISM", "false"):
+    with temporary_env("TOKENIZERS_PARALLELISM", "false"):
         pool = mp.get_context("fork").Pool(num_proc, _init_worker, (encoder,))
     with pool:
         pending: deque = deque()
@@ -148,14 +125,6 @@ def ordered_batches(encoder: PromptEncoder, tasks, num_proc: int) -> Iterator[Ba
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-def _tasks(records_path: Path, batch_size: int) -> Iterator[tuple[int, list[dict]]]:
-    """(index of the first record, records as dicts) per batch; workers never touch pyarrow."""
-    start = 0
-    for rb in pq.ParquetFile(records_path).iter_batches(batch_size=batch_size, columns=RECORD_COLUMNS):
-        yield start, rb.to_pylist()
-        start += rb.num_rows
 
 
 # ----------------------------------------------------------------------------- spill
@@ -246,24 +215,15 @@ def row_group(rows: Rows, r0: int, r1: int, spill: Spill) -> pa.Table:
     arrays = [spill.input_ids[gather], spill.labels[gather], positions.astype(np.int32)]
     columns = [pa.ListArray.from_arrays(tok_bounds, pa.array(a, pa.int32())) for a in arrays]
     columns.append(pa.ListArray.from_arrays(seq_bounds, pa.array(lens.astype(np.int32))))
-    return pa.Table.from_arrays(columns, schema=SCHEMA)
+    return pa.Table.from_arrays(columns, schema=packed.SCHEMA)
 
 
 def write_split(
     out_dir: Path, name: str, idx: np.ndarray, n_records: int, spill: Spill, cfg: TokenizeConfig, rng
 ) -> dict:
-    """Pack (cfg.sample_packing) and write the sequences `idx` in shards; returns the split's figures."""
+    """Pack (cfg.sample_packing) and write the sequences `idx`; returns the split's figures."""
     rows = make_rows(idx, spill.lengths, cfg, rng)
-    files = []
-    for shard, s0 in enumerate(range(0, rows.n, SHARD_ROWS)):
-        rel = f"{name}/part-{shard:05d}.parquet"
-        (out_dir / name).mkdir(exist_ok=True)
-        # token ids have no useful dictionary; zstd does the compressing
-        with pq.ParquetWriter(out_dir / rel, SCHEMA, compression="zstd", use_dictionary=False) as writer:
-            for g0 in range(s0, min(s0 + SHARD_ROWS, rows.n), ROW_GROUP_ROWS):
-                g1 = min(g0 + ROW_GROUP_ROWS, s0 + SHARD_ROWS, rows.n)
-                writer.write_table(row_group(rows, g0, g1, spill), row_group_size=ROW_GROUP_ROWS)
-        files.append(rel)
+    files = packed.write_split(out_dir, name, rows.n, lambda r0, r1: row_group(rows, r0, r1, spill))
     tokens = int(spill.lengths[idx].sum(dtype=np.int64))
     log.info("%s: %d records -> %d sequences -> %d rows", name, n_records, idx.size, rows.n)
     return {
@@ -274,26 +234,40 @@ def write_split(
         "supervised_tokens": int(spill.trained[idx].sum(dtype=np.int64)),
         "rows": rows.n,
         "lower_bound_bins": lower_bound_bins(tokens, cfg.sequence_len),
-        "packing_efficiency": tokens / (rows.n * cfg.sequence_len) if rows.n else 0.0,
+        "packing_efficiency": packing_efficiency(tokens, rows.n, cfg.sequence_len),
     }
 
 
 # ----------------------------------------------------------------------------- the stage core
 
 
+@dataclass(frozen=True)
+class TokenizeInputs:
+    records: Path = VALIDATED / RECORDS
+    base: Path = BASE
+    """The base model folder: its tokenizer and chat template."""
+
+
+def tokenize(params: Params, inputs: TokenizeInputs, out_dir: Path) -> dict:
+    """The stage core: the base's tokenizer over the validated records; returns the metrics."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(inputs.base, trust_remote_code=params.base.trust_remote_code)
+    return tokenize_dataset(inputs.records, tokenizer, params.tokenize, out_dir)
+
+
 def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir) -> dict:
     """Tokenize, mask, split, pack and write `records_path` into `out_dir`; returns the metrics."""
-    t0 = time.perf_counter()
     records_path, out_dir = Path(records_path), Path(out_dir)
     encoder = PromptEncoder(tokenizer, cfg)
-    n_records = pq.ParquetFile(records_path).metadata.num_rows
+    n_records = count_records(records_path)
     rng = np.random.default_rng(cfg.seed)
     in_val = split_records(n_records, cfg.val_set_size, rng)  # (records,) bool
     n_val = int(in_val.sum())
     spill = Spill(out_dir / SPILL)
     try:
         counts = Counter()
-        batches = ordered_batches(encoder, _tasks(records_path, cfg.batch_size), cfg.num_proc)
+        batches = ordered_batches(encoder, iter_record_batches(records_path, cfg.batch_size), cfg.num_proc)
         for batch in tqdm(batches, desc="tokenize", unit="batch", mininterval=2):
             spill.add(batch)
             counts.update(batch.counts)
@@ -310,28 +284,18 @@ def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir) -> d
         }
     finally:
         shutil.rmtree(out_dir / SPILL, ignore_errors=True)
-    summary = ("files", "rows", "sequences", "tokens", "supervised_tokens")
-    write_json(
-        out_dir / "manifest.json",
-        {
-            "sequence_len": cfg.sequence_len,
-            "packed": cfg.sample_packing,
-            "columns": list(COLUMNS),
-            "splits": {name: {k: fig[k] for k in summary} for name, fig in splits.items()},
-        },
-    )
-    return _metrics(n_records, splits, counts, cfg.sequence_len, time.perf_counter() - t0)
+    packed.write_manifest(out_dir, cfg.sequence_len, cfg.sample_packing, splits)
+    return _metrics(n_records, splits, counts, cfg.sequence_len)
 
 
-def _metrics(n_records: int, splits: dict, counts: Counter, sequence_len: int, seconds: float) -> dict:
+def _metrics(n_records: int, splits: dict, counts: Counter, sequence_len: int) -> dict:
     total = {k: sum(s[k] for s in splits.values()) for k in ("sequences", "tokens", "supervised_tokens", "rows")}
     return {
         "records": n_records,
         **{k: total[k] for k in ("sequences", "tokens", "supervised_tokens")},
         "bins": total["rows"],
         "lower_bound_bins": lower_bound_bins(total["tokens"], sequence_len),
-        "packing_efficiency": total["tokens"] / (total["rows"] * sequence_len) if total["rows"] else 0.0,
+        "packing_efficiency": packing_efficiency(total["tokens"], total["rows"], sequence_len),
         **{k: counts[k] for k in COUNTS},
         "splits": {name: {k: v for k, v in fig.items() if k != "files"} for name, fig in splits.items()},
-        "seconds": round(seconds, 3),
     }

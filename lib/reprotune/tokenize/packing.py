@@ -5,8 +5,9 @@ and benchmarked alone and its output depends on nothing but the lengths and the 
 
 Features
 - `pack_best_fit_decreasing`: best-fit-decreasing (BFD) bin packing, the default packer.
-  * Efficiency: on long-tailed chat/instruct lengths (mean ~200 tokens, capacity 2048) BFD fills
-    99.5%+ of every block's tokens; padding is the only waste.
+  * Efficiency: on long-tailed chat/instruct lengths (lognormal, mean 200 tokens, capacity 2048)
+    BFD fills over 99.5% of the blocks' token slots (benchmarks/bench_packing.py checks it: 20k
+    lengths pack into the lower bound of bins); padding is the only waste.
   * No sequence is ever split across blocks, so a sample never sees a neighbour's tokens except
     within its own block, where restarting `position_ids` per sample (with a varlen attention
     kernel) isolates it. A split sample would lose its beginning or its label boundary.
@@ -14,10 +15,10 @@ Features
     open block with the least room that still fits (ties: the block opened first). No RNG, no hash
     order, no threads -> the same lengths give byte-identical blocks on every machine, so the DVC
     hash of the packed data matches across runs.
-  * Fast: 1M lengths pack in ~0.1 s on one core in pure Python + numpy (see "How it is fast").
-- `pack_first_fit`: plain first-fit in a given order; the baseline peers use (Axolotl packs
-  first-fit over a shuffled order). A max segment tree over blocks' free room finds "first block
-  that fits" in O(log bins) Python steps per item: ~20 ms for 20k items, ~1.2 s for 1M.
+  * Fast: pure Python + numpy, O(distinct lengths x buckets) numpy calls rather than O(items) Python
+    steps (see "How it is fast"); benchmarks/bench_packing.py times 1M lengths against a 2 s target.
+- The baseline it is measured against, first-fit in a given order (what Axolotl does over a
+  shuffled order), is `reprotune.testing.pack_first_fit`: tests and benchmarks use it, no stage does.
 - `packing_efficiency`, `lower_bound_bins`: how close a packing is to perfect.
 
 Trade-offs
@@ -47,7 +48,9 @@ import numpy as np
 
 __all__ = [
     "pack_best_fit_decreasing",
-    "pack_first_fit",
+    "check_capacity",
+    "as_lengths",
+    "group_bins",
     "packing_efficiency",
     "lower_bound_bins",
 ]
@@ -56,14 +59,14 @@ __all__ = [
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def _check_capacity(capacity) -> int:
+def check_capacity(capacity) -> int:
     # bool is an int subclass; capacity=True is a bug, not 1
     if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
     return int(capacity)
 
 
-def _as_lengths(lengths, capacity: int) -> np.ndarray:
+def as_lengths(lengths, capacity: int) -> np.ndarray:
     """Validate lengths (1-D ints in [1, capacity]) and return them as int64."""
     arr = np.asarray(lengths)
     if arr.ndim != 1:
@@ -80,7 +83,7 @@ def _as_lengths(lengths, capacity: int) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _group(placed: np.ndarray, bin_of: np.ndarray, n_bins: int) -> list[np.ndarray]:
+def group_bins(placed: np.ndarray, bin_of: np.ndarray, n_bins: int) -> list[np.ndarray]:
     """Turn "k-th placed item went to bin bin_of[k]" into a list of bins.
 
     Bins come out in open order, each holding its items in placement order.
@@ -174,8 +177,8 @@ def pack_best_fit_decreasing(lengths, capacity: int) -> list[np.ndarray]:
     the order they were opened, each an int64 array of indices into `lengths` in placement order.
     Raises ValueError for a length < 1 or > capacity, naming its index.
     """
-    capacity = _check_capacity(capacity)
-    lengths = _as_lengths(lengths, capacity)
+    capacity = check_capacity(capacity)
+    lengths = as_lengths(lengths, capacity)
     n = lengths.size
     if n == 0:
         return []
@@ -194,78 +197,21 @@ def pack_best_fit_decreasing(lengths, capacity: int) -> list[np.ndarray]:
         bin_of[s:e] = placed
         n_bins += opened
         _file_moves(moves, buckets, keys, min_len)
-    return _group(order, bin_of, n_bins)
-
-
-# ----------------------------------------------------------------------------- first-fit (baseline)
-
-
-def _as_order(order, n: int) -> np.ndarray:
-    """Validate that `order` is a permutation of range(n)."""
-    arr = np.asarray(order)
-    if arr.shape != (n,) or (n and arr.dtype.kind not in "iu"):
-        raise ValueError(f"order must be a 1-D int array of length {n}")
-    arr = arr.astype(np.int64, copy=False)
-    if n and (arr.min() < 0 or arr.max() >= n or np.bincount(arr, minlength=n).max() != 1):
-        raise ValueError("order must be a permutation of range(len(lengths))")
-    return arr
-
-
-def pack_first_fit(lengths, capacity: int, order=None) -> list[np.ndarray]:
-    """First-fit packing: each item (in `order`, default index order) goes into the first opened
-    bin that still fits it, else a new bin. Returns bins in open order, items in placement order.
-
-    Leaves of a max segment tree hold every bin's free room; not-yet-opened bins start with the
-    full capacity, so "leftmost leaf >= L" is either the first open bin that fits or the next new
-    bin, with no special case. ~1 us per item in pure Python.
-    """
-    capacity = _check_capacity(capacity)
-    lengths = _as_lengths(lengths, capacity)
-    n = lengths.size
-    if n == 0:
-        return []
-    order = np.arange(n, dtype=np.int64) if order is None else _as_order(order, n)
-    # first-fit never leaves two bins at most half full (the later one's items would have fit
-    # the earlier one), so it opens at most ceil(2 * total / capacity) + 1 bins
-    max_bins = min(n, lower_bound_bins(2 * int(lengths.sum()), capacity) + 1)
-    size = 1 << max(0, (max_bins - 1).bit_length())
-    tree = [capacity] * (2 * size)  # tree[1] is the root, leaves at [size, 2 * size)
-    bin_of = [0] * n
-    n_bins = 0
-    for k, L in enumerate(lengths[order].tolist()):
-        i = 1
-        while i < size:  # descend to the leftmost leaf with room >= L
-            i <<= 1
-            if tree[i] < L:
-                i += 1
-        b = i - size
-        bin_of[k] = b
-        if b >= n_bins:
-            n_bins = b + 1
-        tree[i] -= L
-        while i > 1:  # refresh maxima upward; stop as soon as one is unchanged
-            i >>= 1
-            a, c = tree[2 * i], tree[2 * i + 1]
-            m = a if a > c else c
-            if tree[i] == m:
-                break
-            tree[i] = m
-    return _group(order, np.asarray(bin_of, dtype=np.int64), n_bins)
+    return group_bins(order, bin_of, n_bins)
 
 
 # ----------------------------------------------------------------------------- metrics
 
 
-def packing_efficiency(lengths, bins, capacity: int) -> float:
+def packing_efficiency(total_tokens: int, n_bins: int, capacity: int) -> float:
     """Share of the bins' token slots holding real tokens: total tokens / (bins * capacity)."""
-    capacity = _check_capacity(capacity)
-    if len(bins) == 0:
+    capacity = check_capacity(capacity)
+    if n_bins == 0:
         return 0.0  # no bins, no tokens: nothing was packed
-    total = int(np.asarray(lengths, dtype=np.int64).sum())
-    return total / (len(bins) * capacity)
+    return int(total_tokens) / (n_bins * capacity)
 
 
 def lower_bound_bins(total_tokens: int, capacity: int) -> int:
     """Fewest bins any packing could use: ceil(total / capacity) (integer math, no float error)."""
-    capacity = _check_capacity(capacity)
+    capacity = check_capacity(capacity)
     return -(-int(total_tokens) // capacity)

@@ -31,8 +31,9 @@ Trade-offs
   apart would give the response a spurious leading space on SentencePiece tokenizers. The cost: a
   token that straddles the prompt/response boundary is trained (never the case after the newline or
   special token that ends every built-in prompt).
-- The chat strategy renders the template about (messages + trained turns) times per conversation
-  (~40 us a render): slower than a per-template regex, but right for any template.
+- The chat strategy renders the template about (messages + trained turns) times per conversation:
+  slower than a per-template regex (benchmarks/bench_tokenize.py measures the whole stage against
+  bare tokenization), but right for any template.
 - Text that spells a special token (e.g. "</s>") is read as that special token, as everywhere in
   Hugging Face tokenization by default.
 """
@@ -47,8 +48,8 @@ import jinja2
 
 from reprotune.config.sections import TokenizeConfig
 from reprotune.errors import BadInput
+from reprotune.packed import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # Private-use code points: never in real text, never stripped by a template's `| trim`.
 SENTINEL = "\ue000reprotune-content\ue001"
 

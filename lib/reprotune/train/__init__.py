@@ -19,9 +19,10 @@ Features
   supervised tokens/s, token counts, steps, peak memory, dtype, attention); per-step curves
   under dvclive/. CPU runs are bit-for-bit repeatable.
 - Launch (launch.py): in-process, or `accelerate launch` DDP with one process per GPU.
-- Measured (benchmarks/bench_train.py, 2-core CPU): padding-free packing ~2.1x the supervised
-  tokens/s of padded batches holding the same sequences; QLoRA ~0.43x the training memory of
-  bf16 LoRA on a 290M Llama. benchmarks/gpu_check.py runs the same core on a GPU.
+- Measured by benchmarks/bench_train.py (`make bench`; figures from a 2-core CPU in the README):
+  the supervised tokens/s of padding-free packing against padded batches holding the same
+  sequences, and the training memory of QLoRA against bf16 LoRA on a 290M Llama.
+  benchmarks/gpu_check.py runs the same core on a GPU.
 
 Resume: why checkpoints live outside DVC
 checkpoints/train/ is git-ignored and deliberately not a DVC output. DVC deletes a stage's outputs

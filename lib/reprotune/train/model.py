@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
+from reprotune.config.sections import LoraConfig, QuantConfig, TrainConfig
 from reprotune.errors import BadInput
 from reprotune.hardware import DTYPE_NAMES, Capabilities
 
 STORAGE_DTYPES = {"auto": "uint8", "uint8": "uint8", **DTYPE_NAMES}
 
 
-def load_trainable(base_dir: Path, quant: Any, lora: Any, train: Any, caps: Capabilities, attn: str):
+def load_trainable(
+    base_dir: Path, quant: QuantConfig, lora: LoraConfig, train: TrainConfig, caps: Capabilities, attn: str
+):
     """The base from `base_dir` with a fresh LoRA adapter; only the adapter requires grad.
 
     `attn` is the attn_implementation to load (caps' resolved one, or attention.NAME for packed rows).
@@ -50,7 +52,7 @@ def load_trainable(base_dir: Path, quant: Any, lora: Any, train: Any, caps: Capa
     return get_peft_model(model, adapter_config(model, lora))
 
 
-def _load_kwargs(quant: Any, caps: Capabilities) -> dict:
+def _load_kwargs(quant: QuantConfig, caps: Capabilities) -> dict:
     import torch
 
     kwargs = {"dtype": getattr(torch, caps.compute_dtype)}
@@ -70,7 +72,7 @@ def _load_kwargs(quant: Any, caps: Capabilities) -> dict:
     return kwargs
 
 
-def adapter_config(model, lora: Any):
+def adapter_config(model, lora: LoraConfig):
     from peft import LoraConfig
 
     head = output_head_name(model)
@@ -107,9 +109,9 @@ def linear_leaf_names(model, exclude: str) -> list[str]:
         if isinstance(module, torch.nn.Linear) and name != exclude
     }
     if exclude.rsplit(".", 1)[-1] in names:
-        raise ValueError(
-            f"the output head {exclude!r} shares its name with other Linear layers; "
-            "set lora.target_linear: false and list lora.target_modules explicitly"
+        raise BadInput(
+            f"lora.target_linear: the output head {exclude!r} shares its name with other Linear "
+            "layers; set lora.target_linear: false and list lora.target_modules explicitly"
         )
     return sorted(names)
 

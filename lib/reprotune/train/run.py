@@ -1,7 +1,8 @@
-"""The train core: models/base + data/packed -> models/adapter, metrics/train.json, dvclive/.
+"""The train core: models/base + data/packed -> the adapter folder, with curves in dvclive/.
 
-Paths are relative to `root` (the repo root when run as a stage). Under DDP every process runs
-this; only the main process writes outputs.
+Under DDP every process runs this; only the main process saves the adapter and returns metrics.
+Resumable checkpoints live in checkpoints/train/ (see the package docstring) and are deleted once
+the adapter is saved.
 """
 
 from __future__ import annotations
@@ -11,35 +12,22 @@ import json
 import logging
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from reprotune.config.sections import SECTION_TYPES
+from reprotune import layout
+from reprotune.config import Params
+from reprotune.config.sections import SECTION_TYPES, TrainConfig
 from reprotune.hardware import Capabilities, peak_rss_bytes, resolve
-from reprotune.io import atomic_dir, write_json
+from reprotune.io import write_json
+from reprotune.loading import copy_tokenizer_files
+from reprotune.packed import PackedRows, read_manifest, split_files
 from reprotune.train import attention
-from reprotune.train.batches import PackedRows, PaddedCollator, collate_padding_free, read_manifest, split_files
+from reprotune.train.batches import PaddedCollator, collate_padding_free
 from reprotune.train.checkpoints import fingerprint, select_resume, step_of
 from reprotune.train.model import load_trainable
 
-BASE = Path("models/base")
-PACKED = Path("data/packed")
-ADAPTER = Path("models/adapter")
-CHECKPOINTS = Path("checkpoints/train")
-DVCLIVE = Path("dvclive")
-METRICS = Path("metrics/train.json")
-SECTIONS = ("quant", "lora", "train")
-TOKENIZER_FILES = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.*",
-    "*.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "*.tiktoken",
-)
+SECTIONS = ("quant", "lora", "train")  # the sections this stage reads, whole (see its dvc.yaml entry)
 # transformers' "constant" ignores warmup; "constant_with_warmup" with 0 warmup steps is the same
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 # padded positions are masked out and carry label -100, so any valid id will do
@@ -48,8 +36,24 @@ PAD_ID = 0
 log = logging.getLogger(__name__)
 
 
-def params_read(params: Any) -> dict[str, Any]:
-    """Every key of the sections this stage reads, dotted (quant.load_in_4bit, ...)."""
+@dataclass(frozen=True)
+class TrainInputs:
+    base: Path = layout.BASE
+    packed: Path = layout.PACKED
+    checkpoints: Path = layout.CHECKPOINTS
+    """Resumable checkpoints (read and written; outside DVC)."""
+    dvclive: Path = layout.DVCLIVE
+    """Per-step curves (written as training goes)."""
+
+    @classmethod
+    def under(cls, root: Path) -> TrainInputs:
+        """The pipeline's paths inside the repo (or test folder) `root`."""
+        return cls(*(Path(root) / getattr(cls(), f.name) for f in dataclasses.fields(cls)))
+
+
+def params_read(params: Params) -> dict:
+    """Every key of the sections this stage reads, dotted (quant.load_in_4bit, ...). Read key by key:
+    a stage may declare single keys, and then a section is a restricted view, not a dataclass."""
     return {
         f"{s}.{f.name}": getattr(getattr(params, s), f.name)
         for s in SECTIONS
@@ -57,19 +61,20 @@ def params_read(params: Any) -> dict[str, Any]:
     }
 
 
-def capabilities(params: Any) -> Capabilities:
+def capabilities(params: Params) -> Capabilities:
     t, q = params.train, params.quant
     return resolve(t.bf16, t.fp16, t.attn_implementation, q.bnb_4bit_compute_dtype if q.load_in_4bit else "auto")
 
 
-def train(params: Any, root: Path = Path(".")) -> dict | None:
-    """Train (resuming from a matching complete checkpoint); returns the metrics on the main process."""
-    manifest = read_manifest(root / PACKED)  # bad data is reported before torch is even imported
-    train_rows = PackedRows(root / PACKED, "train")
-    val_rows = PackedRows(root / PACKED, "val") if split_files(root / PACKED, "val") else None
+def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
+    """Train (resuming from a matching complete checkpoint) and save the adapter into `out_dir`;
+    returns the metrics on the main process, None on the others."""
+    manifest = read_manifest(inputs.packed)  # bad data is reported before torch is even imported
+    train_rows = PackedRows(inputs.packed, "train")
+    val_rows = PackedRows(inputs.packed, "val") if split_files(inputs.packed, "val") else None
     caps = capabilities(params)
     args = training_arguments(
-        params.train, caps, root / CHECKPOINTS, has_val=val_rows is not None, packed=manifest["packed"]
+        params.train, caps, inputs.checkpoints, has_val=val_rows is not None, packed=manifest["packed"]
     )
 
     read = params_read(params)
@@ -79,21 +84,22 @@ def train(params: Any, root: Path = Path(".")) -> dict | None:
         "compute_dtype": caps.compute_dtype,
         "attn_implementation": attention.effective(caps.attn_implementation, manifest["packed"]),
     }
-    fp = fingerprint(read, root / PACKED, root / BASE, run)
+    fp = fingerprint(read, inputs.packed, inputs.base, run)
     with args.main_process_first(local=False, desc="checkpoint selection"):
-        resume = select_resume(root / CHECKPOINTS, fp, prune=args.process_index == 0)
+        resume = select_resume(inputs.checkpoints, fp, prune=args.process_index == 0)
     if resume:
         log.info("resuming from %s", resume)
 
-    model = load_trainable(root / BASE, params.quant, params.lora, params.train, caps, run["attn_implementation"])
-    trainer = _trainer(model, args, train_rows, val_rows, manifest["packed"], params.train, fp, root)
+    model = load_trainable(inputs.base, params.quant, params.lora, params.train, caps, run["attn_implementation"])
+    trainer = _trainer(model, args, train_rows, val_rows, manifest["packed"], params.train, fp, inputs.dvclive)
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if not trainer.is_world_process_zero():
         return None
     metrics = {**_metrics(trainer, out.metrics, resume), **peak_memory(caps), **run}
-    _save_adapter(
+    save_adapter(
         trainer.model,
-        root,
+        inputs.base,
+        out_dir,
         {
             "params": read,
             "hardware": caps.as_dict(),
@@ -101,14 +107,13 @@ def train(params: Any, root: Path = Path(".")) -> dict | None:
             "data": {k: manifest[k] for k in ("sequence_len", "packed")},
         },
     )
-    write_json(root / METRICS, metrics)
     # a finished run's checkpoints must go: a rerun with the same inputs would resume at the last
     # step and train nothing
-    shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(inputs.checkpoints, ignore_errors=True)
     return metrics
 
 
-def training_arguments(cfg: Any, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool):
+def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -151,7 +156,7 @@ def training_arguments(cfg: Any, caps: Capabilities, out_dir: Path, has_val: boo
     )
 
 
-def _warmup(cfg: Any) -> float:
+def _warmup(cfg: TrainConfig) -> float:
     if cfg.warmup_steps is not None:
         return cfg.warmup_steps
     # transformers reads a float below 1 as a ratio and anything >= 1 as steps, so a full-length
@@ -159,7 +164,7 @@ def _warmup(cfg: Any) -> float:
     return min(cfg.warmup_ratio or 0.0, math.nextafter(1.0, 0.0))
 
 
-def _trainer(model, args, train_rows, val_rows, packed: bool, cfg: Any, fp: str, root: Path):
+def _trainer(model, args, train_rows, val_rows, packed: bool, cfg: TrainConfig, fp: str, dvclive: Path):
     from reprotune.train.callbacks import CheckpointMarker, DvcLiveCurves, LogFinalStep, LossWatchdog, SupervisedTokens
     from reprotune.train.trainer import GuardedTrainer
 
@@ -175,7 +180,7 @@ def _trainer(model, args, train_rows, val_rows, packed: bool, cfg: Any, fp: str,
         SupervisedTokens(),
         CheckpointMarker(fp),
         LogFinalStep(),
-        DvcLiveCurves(root / DVCLIVE),
+        DvcLiveCurves(dvclive),
     ]
     return GuardedTrainer(
         model=model,
@@ -211,19 +216,17 @@ def peak_memory(caps: Capabilities) -> dict:
     return {"peak_memory_bytes": peak_rss_bytes(), "peak_memory_kind": "rss"}
 
 
-def _save_adapter(model, root: Path, config: dict) -> None:
+def save_adapter(model, base_dir: Path, out_dir: Path, config: dict) -> None:
+    """The adapter, the base's tokenizer and training_config.json (`config`) in `out_dir`."""
     # peft records the path the base was loaded from; record the pipeline's name for it instead, so
     # the adapter's bytes do not depend on where the repo lives
-    model.peft_config["default"].base_model_name_or_path = BASE.as_posix()
-    with atomic_dir(root / ADAPTER) as tmp:
-        model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary is never resized
-        # peft's placeholder model card records the base's load path; training_config.json says more
-        (tmp / "README.md").unlink(missing_ok=True)
-        for pattern in TOKENIZER_FILES:
-            for f in sorted((root / BASE).glob(pattern)):
-                shutil.copyfile(f, tmp / f.name)
-        write_json(tmp / "training_config.json", config)
-        _canonical_adapter_config(tmp / "adapter_config.json")
+    model.peft_config["default"].base_model_name_or_path = layout.BASE.as_posix()
+    model.save_pretrained(out_dir, save_embedding_layers=False)  # the vocabulary is never resized
+    # peft's placeholder model card records the base's load path; training_config.json says more
+    (out_dir / "README.md").unlink(missing_ok=True)
+    copy_tokenizer_files(base_dir, out_dir)
+    write_json(out_dir / "training_config.json", config)
+    _canonical_adapter_config(out_dir / "adapter_config.json")
 
 
 def _canonical_adapter_config(path: Path) -> None:

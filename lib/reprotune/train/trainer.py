@@ -16,7 +16,7 @@ import math
 import torch
 from transformers import Trainer
 
-from reprotune.train.batches import IGNORE
+from reprotune.packed import IGNORE_INDEX
 from reprotune.train.callbacks import SupervisedTokens
 from reprotune.train.errors import TrainingStopped
 
@@ -24,7 +24,7 @@ from reprotune.train.errors import TrainingStopped
 class GuardedTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        local = sum(int((b["labels"][..., 1:] != IGNORE).sum()) for b in batches)
+        local = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches)
         self.supervised_tokens().seen += int(self._sum_over_processes(local))
         return batches, num_items
 

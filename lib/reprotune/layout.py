@@ -1,0 +1,19 @@
+"""Where the pipeline keeps its files (relative to the repo root): the paths dvc.yaml names as deps
+and outs. Library cores take their input paths as arguments; these are the defaults the stages use."""
+
+from pathlib import Path
+
+LOCAL_MODELS = Path("models/local")
+BASE = Path("models/base")
+VALIDATED = Path("data/validated")
+PACKED = Path("data/packed")
+ADAPTER = Path("models/adapter")
+MERGED = Path("models/merged")
+EXPORT = Path("models/export")
+METRICS = Path("metrics")
+CHECKPOINTS = Path("checkpoints/train")  # resumable training state, outside DVC (see reprotune.train)
+DVCLIVE = Path("dvclive")
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS / f"{stage}.json"

@@ -1,0 +1,69 @@
+"""Model folders as every stage after `base` reads them: tokenizer files, stored dtype, stop tokens,
+and loading a model for inference (scoring, generation, merge verification).
+
+A model folder is what save_pretrained writes: config.json, safetensors weights, tokenizer files,
+optionally generation_config.json. torch and transformers are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+
+from reprotune.hardware import device_type
+
+PROVENANCE_FILE = "reprotune_base.json"  # the base stage's record of where models/base came from
+# Every file a tokenizer (or chat template) may need, as glob patterns.
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.*",
+    "*.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+)
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of folder `src` into `dst`; returns their names."""
+    names = sorted(p.name for p in Path(src).iterdir() if p.is_file() and is_tokenizer_file(p.name))
+    for name in names:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return names
+
+
+def read_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+
+
+def stored_dtype(config: dict) -> str | None:
+    """The dtype name the checkpoint's weights are stored in (transformers v5 key, or v4's), if recorded."""
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def load_model(path: Path, dtype, trust_remote_code: bool):
+    """The model in `path` in `dtype`, on CUDA when available, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device_type()).eval()
+
+
+def stop_token_ids(model_dir: Path, tokenizer) -> set[int]:
+    """EOS of the tokenizer plus every eos_token_id of the generation config (end of turn too)."""
+    from transformers import GenerationConfig
+
+    stops = {tokenizer.eos_token_id} - {None}
+    if (Path(model_dir) / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        stops |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    return stops
