@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup setup-gpu run test test-all lint schema bench gpu-check clean
+.PHONY: setup setup-gpu run test test-all lint schema bench gpu-check gguf-check clean
 setup: $(VENV)/.installed
 
 # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build; then the rest,
@@ -35,7 +35,7 @@ run: setup
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 test: setup lint
-	$(OFFLINE) $(BIN)/python -m pytest -m "not slow" -q
+	$(OFFLINE) $(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 test-all: setup lint
 	$(OFFLINE) $(BIN)/python -m pytest -q
@@ -56,6 +56,19 @@ bench: setup
 gpu-check:
 	test -x $(BIN)/python || $(MAKE) setup-gpu
 	$(OFFLINE) $(BIN)/python benchmarks/gpu_check.py
+
+# By hand, never in CI: llama.cpp itself (llama-cpp-python built from its PyPI sdist into its own venv,
+# about 15 minutes on 2 cores, once) loads the exported GGUF files and must agree with transformers.
+GGUF_VENV := .venv-gguf
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+$(GGUF_VENV)/.installed:
+	test -x $(GGUF_VENV)/bin/python || $(PYTHON) -m venv $(GGUF_VENV)
+	$(GGUF_VENV)/bin/python -m pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(GGUF_VENV)/bin/python -m pip install -q --no-binary llama-cpp-python "$(LLAMA_CPP_PYTHON)"
+	touch $@
+
+gguf-check: setup $(GGUF_VENV)/.installed
+	$(OFFLINE) $(BIN)/python benchmarks/gguf_check.py --llama-python $(GGUF_VENV)/bin/python
 
 clean:
 	rm -rf models/base models/adapter models/merged models/export data/validated data/packed metrics dvclive checkpoints

@@ -258,8 +258,8 @@ class ExportConfig:
     """safetensors always; gguf adds a llama.cpp file (Llama architectures)."""
     max_shard_size: str = key("2GB", pattern=r"^[0-9]+(\.[0-9]+)?(KB|MB|GB)$")
     """Largest safetensors shard, e.g. 500MB or 5GB."""
-    gguf_dtype: str = key("f16", choices=("f16", "f32"))
-    """Tensor type of the GGUF file."""
+    gguf_dtype: str = key("f16", choices=("f16", "f32", "q8_0"))
+    """Tensor type of the GGUF file's matrices: f16, f32, or q8_0 (8-bit blocks, what llama.cpp users serve)."""
 
 
 @dataclass(frozen=True)

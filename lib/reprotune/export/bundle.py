@@ -1,9 +1,10 @@
 """`build_export`: the deployable folder, assembled from the merged model and the pipeline's records.
 
 Contents: every file of the merged model folder (safetensors shards and index, config,
-tokenizer, chat template, generation config) copied byte for byte; `model.<dtype>.gguf` when
-export.formats has gguf; README.md (the model card); manifest.json, written last and checked
-before returning. Nothing in it depends on the machine or the time: equal inputs give equal bytes.
+tokenizer, chat template, generation config) copied byte for byte; `model.<dtype>.gguf` and an
+Ollama `Modelfile` for it when export.formats has gguf; README.md (the model card); manifest.json,
+written last and checked before returning. Nothing in it depends on the machine or the time: equal
+inputs give equal bytes.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from reprotune.config import Params
 from reprotune.export.card import model_title, render_card
 from reprotune.export.gguf import check_llama, write_gguf
 from reprotune.export.manifest import verify_manifest, write_manifest
+from reprotune.export.modelfile import render_modelfile
 from reprotune.io import atomic_file, sha256_file
-from reprotune.loading import PROVENANCE_FILE
+from reprotune.loading import PROVENANCE_FILE, stop_token_ids
 
 log = logging.getLogger(__name__)
 # The card quotes the metrics of the stages that made the model. Not validate/tokenize: their metrics
 # hold run times, and a clone that reruns those cheap stages would otherwise rerun export too.
 QUOTED_STAGES = ("train", "merge", "evaluate")
+MODELFILE = "Modelfile"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,14 @@ class ExportInputs:
     """Read by name, not globbed, so the card holds exactly the stage's declared deps."""
     repo_root: Path = Path(".")
     """data.datasets paths are hashed relative to it."""
+
+
+def write_modelfile(model_dir: Path, gguf_file: str, path: Path) -> None:
+    """Ollama's Modelfile for `gguf_file`, with the chat template and stop tokens of `model_dir`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    path.write_text(render_modelfile(gguf_file, tokenizer, stop_token_ids(model_dir, tokenizer)), encoding="utf-8")
 
 
 def dataset_hashes(params: Params, root: Path) -> list[dict]:
@@ -64,7 +75,9 @@ def build_export(params: Params, inputs: ExportInputs, out_dir: Path) -> dict:
     provenance = json.loads(Path(inputs.provenance).read_text(encoding="utf-8"))
     if "gguf" in formats:
         dtype = params.export.gguf_dtype
-        write_gguf(merged_dir, Path(out_dir) / f"model.{dtype}.gguf", dtype, model_title(provenance["model"]))
+        gguf_file = f"model.{dtype}.gguf"
+        write_gguf(merged_dir, Path(out_dir) / gguf_file, dtype, model_title(provenance["model"]))
+        write_modelfile(merged_dir, gguf_file, Path(out_dir) / MODELFILE)
     files = sorted(p.name for p in Path(out_dir).iterdir())
     metrics = read_metrics(list(inputs.metrics))
     card = render_card(params, provenance, dataset_hashes(params, inputs.repo_root), files, metrics, __version__)

@@ -6,14 +6,19 @@ What is written (what llama.cpp's convert_hf_to_gguf.py writes for LlamaForCausa
   blk.N.attn_q/attn_k/attn_v/attn_output, ffn_gate/ffn_up/ffn_down, attn_norm, ffn_norm.
 - Q and K rows permuted for llama.cpp's rotary layout: HF rotates the two halves of each head
   (i, i + d/2), llama.cpp rotates adjacent pairs (2i, 2i + 1); K uses the KV head count (GQA).
-- dtype (export.gguf_dtype): f16 puts every matrix in float16 and keeps 1-D tensors (norms) in
-  float32, as llama.cpp's MOSTLY_F16 does; f32 keeps everything in float32.
+- dtype (export.gguf_dtype), as llama.cpp's converter types tensors: f32 everything in float32;
+  f16 every matrix in float16 (MOSTLY_F16); q8_0 every matrix in Q8_0 blocks (32 int8 values and a
+  float16 scale, quantized by the gguf package bit-exactly as ggml does; a matrix whose rows do not
+  split into 32s stays float16), the embedding and output head included (MOSTLY_Q8_0). 1-D tensors
+  (norms) stay float32 in every dtype.
 - hyperparameters: context length, embedding length, block count, feed-forward length, head
-  counts, rope theta and dimension count, RMS norm epsilon, vocab size, file type.
-- tokenizer (byte-level BPE only, "gpt2" in llama.cpp): tokens by id (holes up to the model's vocab
-  size as UNUSED "[PAD<id>]"), token types (special added tokens CONTROL, other added tokens
-  USER_DEFINED), merges, BOS/EOS/PAD ids, the generation config's extra stop ids as EOT, whether
-  BOS/EOS are added, the pre-tokenizer name, and the chat template.
+  counts, rope theta and dimension count, RMS norm epsilon, vocab size, file type, quantization
+  version.
+- tokenizer (byte-level BPE only, model "gpt2" in llama.cpp): tokens by id (holes up to the model's
+  vocab size as UNUSED "[PAD<id>]"), token types (special added tokens CONTROL, other added tokens
+  USER_DEFINED), merges, BOS/EOS/PAD ids, the generation config's other stop ids as EOT and EOM
+  (llama.cpp stops at all three), whether BOS/EOS are added, the pre-tokenizer name chosen by
+  behaviour (llama_cpp.py), and the chat template.
 
 Tensors stream one at a time from the safetensors shards (header and tensor infos first, then
 data), so memory stays near the largest tensor. Refused with a message: other
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -32,13 +38,20 @@ import gguf
 import numpy as np
 import torch
 
-from reprotune.errors import BadInput
-from reprotune.tensors import TensorRef, natural_key, read_index, read_tensor
+from reprotune.export.llama_cpp import GGUFUnsupported, pre_tokenizer_name
+from reprotune.tensors import natural_key, read_index, read_tensor
 
 log = logging.getLogger(__name__)
 
 ARCH = "llama"
-GGUF_DTYPES = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16), "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
+Q = gguf.GGMLQuantizationType
+# export.gguf_dtype -> (tensor type of the matrices, file type); 1-D tensors (norms) always stay F32
+GGUF_DTYPES = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+NUMPY_TYPES = {Q.F32: np.float32, Q.F16: np.float16}
 TOP_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -51,15 +64,6 @@ LAYER_NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }  # fmt: skip
-# Pre-tokenizer regexes llama.cpp knows by name; anything else gets its generic "default" splitter.
-LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-class GGUFUnsupported(BadInput):
-    """export.formats asks for GGUF, but this checkpoint or tokenizer cannot be written exactly."""
 
 
 def gguf_name(hf_name: str) -> str:
@@ -100,17 +104,14 @@ def write_gguf(model_dir: Path, out_path: Path, dtype: str, name: str) -> dict:
     check_llama(config)
     refs = read_index(model_dir)
     names = {n: gguf_name(n) for n in sorted(refs, key=natural_key)}  # fails before any file is opened
-    np_dtype, file_type = GGUF_DTYPES[dtype]
-
-    def out_type(ref: TensorRef) -> np.dtype:
-        return np.dtype(np.float32 if len(ref.shape) == 1 else np_dtype)  # norms stay fp32, as in llama.cpp
-
+    matrix_type, file_type = GGUF_DTYPES[dtype]
+    types = {hf: tensor_type(refs[hf].shape, matrix_type) for hf in names}
     writer = gguf.GGUFWriter(out_path, ARCH)
     _add_hparams(writer, config, name, file_type)
     n_vocab = _add_tokenizer(writer, model_dir, config["vocab_size"])
     writer.add_vocab_size(n_vocab)
     for hf, new in names.items():  # tensor infos first: the header holds every name, shape and offset
-        writer.add_tensor_info(new, refs[hf].shape, out_type(refs[hf]), refs[hf].numel * out_type(refs[hf]).itemsize)
+        _add_tensor_info(writer, new, refs[hf].shape, types[hf])
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     with ExitStack() as stack:
@@ -125,8 +126,27 @@ def write_gguf(model_dir: Path, out_path: Path, dtype: str, name: str) -> dict:
                 w = permute_rotary(w, heads)
             elif hf.endswith("k_proj.weight"):
                 w = permute_rotary(w, kv_heads)
-            writer.write_tensor_data(w.numpy().astype(out_type(refs[hf])))
+            writer.write_tensor_data(gguf.quants.quantize(w.numpy(), types[hf]))
     return {"tensors": len(names), "dtype": dtype, "vocab": n_vocab}
+
+
+def tensor_type(shape: tuple[int, ...], matrix_type: Q) -> Q:
+    """As llama.cpp's converter: 1-D tensors (norms) F32; a matrix whose rows do not split into Q8_0's
+    32-value blocks F16; every other matrix, the embedding and output head included, `matrix_type`."""
+    if len(shape) == 1:
+        return Q.F32
+    if matrix_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16
+    return matrix_type
+
+
+def _add_tensor_info(writer: gguf.GGUFWriter, name: str, shape: tuple[int, ...], kind: Q) -> None:
+    if kind in NUMPY_TYPES:
+        item = np.dtype(NUMPY_TYPES[kind])
+        writer.add_tensor_info(name, shape, item, math.prod(shape) * item.itemsize)
+    else:  # quantized: the writer takes the byte shape of the packed blocks
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=kind)
 
 
 def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
@@ -147,6 +167,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, file_type: in
         writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> int:
@@ -164,7 +185,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) ->
         types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
     n = max(vocab_size, max(by_id) + 1)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer, spec))
     writer.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(n)])
     writer.add_token_types([int(types.get(i, gguf.TokenType.UNUSED)) for i in range(n)])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
@@ -175,8 +196,12 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) ->
     ):
         if token_id is not None:
             add(token_id)
-    for token_id in _extra_stop_ids(model_dir, tokenizer.eos_token_id)[:1]:  # GGUF holds one EOT id
-        writer.add_eot_token_id(token_id)
+    # llama.cpp stops at EOS, EOT and EOM: room for the generation config's first two other stop ids
+    extra = _extra_stop_ids(model_dir, tokenizer.eos_token_id)
+    for add, token_id in zip((writer.add_eot_token_id, writer.add_eom_token_id), extra):
+        add(token_id)
+    if len(extra) > 2:
+        log.warning("GGUF holds 3 stop ids (EOS, EOT, EOM); stop ids %s are in the Modelfile only", extra[2:])
     probe = tokenizer("a")["input_ids"]  # what the tokenizer adds on its own, as llama.cpp must
     writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
@@ -191,14 +216,3 @@ def _extra_stop_ids(model_dir: Path, eos: int | None) -> list[int]:
         return []
     ids = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
     return [i for i in (ids if isinstance(ids, list) else [ids]) if i is not None and i != eos]
-
-
-def _pre_tokenizer_name(pre: dict | None) -> str:
-    """llama.cpp's name for the pre-tokenizer: GPT-2's byte-level split, Llama 3's regex, or default."""
-    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
-    steps = (pre or {}).get("pretokenizers", [])
-    if any(s.get("type") == "Split" and s.get("pattern", {}).get("Regex") == LLAMA3_REGEX for s in steps):
-        return "llama-bpe"
-    log.warning("GGUF export: unknown pre-tokenizer; llama.cpp will use its default split")
-    return "default"
