@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from reprotune import testing as synthetic
-from reprotune.config import load_params
 from reprotune.io import sha256_tree
 from reprotune.packed import IGNORE_INDEX
 from reprotune.stage import execute
@@ -19,8 +18,10 @@ from reprotune.train import run as run_module
 from reprotune.train.errors import TrainingStopped
 from reprotune.train.run import TrainInputs
 
+from helpers import SHIPPED, params_with
+
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = load_params(REPO / "params.yaml")
+PARAMS = SHIPPED
 SEQUENCE_LEN = 128
 # 5 optimizer steps of 2 rows x 2 micro-batches over ~20 packed rows: one epoch, checked below
 FAST = {
@@ -43,12 +44,6 @@ def train(params, root: Path) -> dict | None:
         TrainInputs.under(root),
         out=root / "models/adapter",
         metrics=root / "metrics/train.json",
-    )
-
-
-def params_with(**sections: dict):
-    return dataclasses.replace(
-        PARAMS, **{s: dataclasses.replace(getattr(PARAMS, s), **kv) for s, kv in sections.items()}
     )
 
 

@@ -22,7 +22,7 @@ from reprotune.export.gguf import check_llama, write_gguf
 from reprotune.export.manifest import verify_manifest, write_manifest
 from reprotune.export.modelfile import render_modelfile
 from reprotune.io import atomic_file, sha256_file
-from reprotune.loading import PROVENANCE_FILE, stop_token_ids
+from reprotune.loading import PROVENANCE_FILE, read_config, stop_token_ids
 
 log = logging.getLogger(__name__)
 # The card quotes the metrics of the stages that made the model. Not validate/tokenize: their metrics
@@ -68,7 +68,7 @@ def build_export(params: Params, inputs: ExportInputs, out_dir: Path) -> dict:
     """Fill the existing empty `out_dir`; returns a summary (files, bytes, formats, the evaluation)."""
     merged_dir, formats = Path(inputs.merged), params.export.formats
     if "gguf" in formats:  # refuse before copying gigabytes
-        check_llama(json.loads((merged_dir / "config.json").read_text(encoding="utf-8")))
+        check_llama(read_config(merged_dir))
     for p in sorted(merged_dir.iterdir()):
         if p.is_file():
             shutil.copyfile(p, Path(out_dir) / p.name)

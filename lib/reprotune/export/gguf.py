@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from reprotune.export.llama_cpp import GGUFUnsupported, pre_tokenizer_name
+from reprotune.loading import read_config
 from reprotune.tensors import natural_key, read_index, read_tensor
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def check_llama(config: dict) -> None:
 def write_gguf(model_dir: Path, out_path: Path, dtype: str, name: str) -> dict:
     """Write `out_path` (GGUF, general.name `name`) from the HF Llama folder `model_dir`; returns a summary."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_config(model_dir)
     check_llama(config)
     refs = read_index(model_dir)
     names = {n: gguf_name(n) for n in sorted(refs, key=natural_key)}  # fails before any file is opened
