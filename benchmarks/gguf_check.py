@@ -35,7 +35,7 @@ try:
 except ImportError:  # running from a checkout without an install: use lib/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from reprotune.export import llama_cpp
+from reprotune import llama_cpp
 from reprotune.export.gguf import write_gguf
 from reprotune.loading import stop_token_ids
 

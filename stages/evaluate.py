@@ -1,4 +1,5 @@
-"""Stage `evaluate`: base vs tuned (models/merged) on the validation split -> metrics and samples."""
+"""Stage `evaluate`: base, as trained (adapter on the 4-bit base) and as shipped (models/merged) on the
+validation split -> metrics and samples."""
 
 from reprotune.evaluate import SAMPLES, EvaluateInputs, evaluate
 from reprotune.layout import METRICS, metrics_file
@@ -6,9 +7,11 @@ from reprotune.stage import run_stage
 
 
 def report(m: dict) -> str:
+    names = ("base", "as_trained", "as_shipped")
     return (
-        f"loss {m['base']['loss']} -> {m['tuned']['loss']}, "
-        f"exact match {m['base']['exact_match']} -> {m['tuned']['exact_match']}"
+        "base -> as trained -> as shipped: "
+        f"loss {' -> '.join(str(m[n]['loss']) for n in names)}, "
+        f"exact match {' -> '.join(str(m[n]['exact_match']) for n in names)}"
     )
 
 

@@ -12,7 +12,7 @@ def report(summary: dict) -> str:
     ev = summary["evaluate"]
     if not ev:
         return f"exported {EXPORT}: {summary['files']} files, {summary['bytes'] / 1e6:.1f} MB"
-    base, tuned = ev.get("base", {}), ev.get("tuned", {})
+    base, tuned = ev.get("base", {}), ev.get("as_shipped", {})
     return (
         f"done. base -> tuned on the validation split: loss {base.get('loss')} -> {tuned.get('loss')}, "
         f"exact match {base.get('exact_match_count')} -> {tuned.get('exact_match_count')} of "

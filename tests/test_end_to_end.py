@@ -55,7 +55,8 @@ def test_every_stage_runs_and_a_rerun_is_a_no_op(pipeline):
 def test_tuned_model_beats_the_base_and_metrics_are_complete(pipeline):
     repo, _, _ = pipeline
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert evaluate["tuned"]["loss"] < evaluate["base"]["loss"]
+    assert evaluate["as_shipped"]["loss"] < evaluate["base"]["loss"]
+    assert abs(evaluate["shipped_vs_trained"]["loss"]) < 0.05 * evaluate["base"]["loss"]
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["eval_loss"] is not None and train["steps"] > 0
     validate = json.loads((repo / "metrics/validate.json").read_text())
@@ -142,6 +143,6 @@ def test_a_queued_sweep_reruns_only_train_onwards_and_shows_in_exp_show(pipeline
             assert all(f"Stage '{s}' didn't change" in log for s in ("base", "validate", "tokenize")), log
             assert all(f"Running stage '{s}'" in log for s in ("train", "merge", "evaluate", "export")), log
             data = rev["data"]
-            tuned = data["metrics"]["metrics/evaluate.json"]["data"]["tuned"]
+            tuned = data["metrics"]["metrics/evaluate.json"]["data"]["as_shipped"]
             ranks[data["params"]["params.yaml"]["data"]["lora"]["r"]] = tuned["loss"]
     assert sorted(ranks) == [4, 8] and all(loss > 0 for loss in ranks.values())

@@ -44,7 +44,21 @@ def hf(models):
 
     base, tuned = models
     load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
-    return AutoTokenizer.from_pretrained(tuned), {"base": load(base), "tuned": load(tuned)}
+    return AutoTokenizer.from_pretrained(tuned), {"base": load(base), "as_shipped": load(tuned)}
+
+
+def folders(base: Path, tuned: Path) -> dict:
+    """compare's loaders for two model folders, as the stage loads base and merged."""
+    from reprotune.loading import load_model
+
+    return {
+        "base": lambda: load_model(base, torch.float32, False),
+        "as_shipped": lambda: load_model(tuned, torch.float32, False),
+    }
+
+
+def config(**kw) -> EvaluateConfig:
+    return EvaluateConfig(**{"max_sequences": 10, "max_new_tokens": MAX_NEW, "num_samples": 1, "prompts": (), **kw})
 
 
 def hf_greedy(model, prompt: list[int], stops: list[int]) -> list[int]:
@@ -105,9 +119,7 @@ def test_figures_match_independent_computation(models, hf, case):
     base, tuned = models
     root, seqs = case
     tok, m = hf
-    metrics, samples = compare(
-        base, tuned, root, EvaluateConfig(max_sequences=10, max_new_tokens=MAX_NEW, num_samples=1)
-    )
+    metrics, samples = compare(folders(base, tuned), tuned, root, config())
     for name, model in m.items():
         nll, n = 0.0, 0
         for ids, labels in seqs:  # HF's loss: mean over the shifted supervised tokens of one sequence
@@ -126,8 +138,7 @@ def test_figures_match_independent_computation(models, hf, case):
         assert got["generated"] == 2 and got["exact_match_count"] == sum(matches)
         assert got["exact_match"] == sum(matches) / 2
     assert metrics["base"]["exact_match"] == 0.5  # seq 0 by construction, seq 1 by construction not
-    assert metrics["delta_loss"] == pytest.approx(metrics["tuned"]["loss"] - metrics["base"]["loss"], abs=2e-6)
-    assert metrics["dtype"] == "float32"
+    assert metrics["delta_loss"] == pytest.approx(metrics["as_shipped"]["loss"] - metrics["base"]["loss"], abs=2e-6)
     (sample,) = samples
     assert sample["index"] == 0 and sample["prompt"] == PROMPTS[0]
     assert sample["reference"] == sample["base"] == tok.decode(split(seqs[0])[1]).strip()
@@ -135,20 +146,36 @@ def test_figures_match_independent_computation(models, hf, case):
 
 def test_deterministic(models, case):
     root, _ = case
-    first = compare(*models, root, EvaluateConfig(max_sequences=2, max_new_tokens=4, num_samples=2))
-    assert compare(*models, root, EvaluateConfig(max_sequences=2, max_new_tokens=4, num_samples=2)) == first
+    cfg = config(max_sequences=2, max_new_tokens=4, num_samples=2, prompts=("Say hi.",))
+    first = compare(folders(*models), models[1], root, cfg)
+    assert compare(folders(*models), models[1], root, cfg) == first
 
 
 def test_no_validation_split_gives_empty_figures(models, tmp_path):
-    metrics, samples = compare(*models, tmp_path, EvaluateConfig(max_sequences=5, max_new_tokens=4, num_samples=3))
+    metrics, samples = compare(folders(*models), models[1], tmp_path, config(max_sequences=5, max_new_tokens=4))
     assert metrics["base"]["sequences"] == 0 and metrics["base"]["loss"] is None
     assert metrics["delta_loss"] is None and samples == []
 
 
+def test_general_prompts_are_answered_through_the_chat_template(models, hf, case):
+    tok, m = hf
+    metrics, samples = compare(folders(*models), models[1], case[0], config(num_samples=0, prompts=("Say hi.",)))
+    (sample,) = samples
+    text = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False, add_generation_prompt=True)
+    assert sample["prompt"] == text and sample["index"] is None and sample["reference"] is None
+    ids = tok.encode(text, add_special_tokens=False)
+    for name, model in m.items():
+        assert sample[name] == tok.decode(hf_greedy(model, ids, [1, 4]), skip_special_tokens=True).strip()
+
+
 def test_stage_writes_metrics_and_samples(models, case, tmp_path, monkeypatch):
+    from test_merge import make_adapter
+
     base, tuned = models
+    make_adapter(base, tmp_path / "adapter")
     for src, dst in (
         (base, "models/base"),
+        (tmp_path / "adapter", "models/adapter"),
         (tuned, "models/merged"),
         (case[0], "data/packed"),
         (REPO / "data/sample", "data/sample"),
@@ -161,8 +188,11 @@ def test_stage_writes_metrics_and_samples(models, case, tmp_path, monkeypatch):
     # the stage script as dvc runs it: it reads only the params its dvc.yaml entry declares
     runpy.run_path(str(REPO / "stages/evaluate.py"), run_name="__main__")
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
-    assert set(metrics) >= {"base", "tuned", "delta_loss", "delta_exact_match", "seconds"}
-    assert set(metrics["tuned"]) >= {"loss", "perplexity", "exact_match", "sequences", "supervised_tokens"}
+    assert set(metrics) >= {"base", "as_trained", "as_shipped", "delta_loss", "shipped_vs_trained", "seconds"}
+    for name in ("base", "as_trained", "as_shipped"):
+        assert set(metrics[name]) >= {"loss", "perplexity", "exact_match", "sequences", "supervised_tokens"}
+    assert metrics["dtype"] == "float32"
     lines = Path("metrics/samples.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # two sequences have a prompt (num_samples is 8)
-    assert set(json.loads(lines[1])) == {"index", "prompt", "reference", "base", "tuned"}
+    assert len(lines) == 2 + 2  # two sequences have a prompt (num_samples is 8), then params.yaml's 2 prompts
+    assert set(json.loads(lines[1])) == {"index", "prompt", "reference", "base", "as_trained", "as_shipped"}
+    assert json.loads(lines[3])["index"] is None

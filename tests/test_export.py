@@ -51,7 +51,7 @@ def records(tmp_path_factory) -> tuple[Path, Path]:
     metrics = root / "metrics"
     metrics.mkdir()
     (metrics / "evaluate.json").write_text(json.dumps(
-        {"base": {"loss": 5.5, "exact_match": 0.0}, "tuned": {"loss": 1.25, "exact_match": 0.5},
+        {"base": {"loss": 5.5, "exact_match": 0.0}, "as_shipped": {"loss": 1.25, "exact_match": 0.5},
          "delta_loss": -4.25, "seconds": 12.3}))  # fmt: skip
     (metrics / "merge.json").write_text(json.dumps({"max_abs_diff": 1e-6, "peak_rss_mb": 512.0, "device": "cpu"}))
     return root / "reprotune_base.json", metrics
@@ -185,7 +185,7 @@ def test_card_records_provenance_data_params_and_metrics(exported):
     params = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert list(params) == ["base", "data", "tokenize", "quant", "lora", "train", "merge", "evaluate", "export"]
     assert params["lora"]["r"] == 16 and params["export"]["formats"] == ["safetensors", "gguf"]
-    assert "| evaluate.tuned.loss | 1.25 |" in card and "| evaluate.delta_loss | -4.25 |" in card
+    assert "| evaluate.as_shipped.loss | 1.25 |" in card and "| evaluate.delta_loss | -4.25 |" in card
     assert "| merge.max_abs_diff | 1e-06 |" in card
     assert "seconds" not in card and "peak_rss" not in card and "merge.device" not in card  # machine-dependent
     assert "`model.f16.gguf`" in card and "`manifest.json`" in card
@@ -267,3 +267,15 @@ def test_stage_builds_the_folder(merged, records, tmp_path, monkeypatch):
     assert verify_manifest(tmp_path / "models/export") > 5
     assert not (tmp_path / "models/export/model.f16.gguf").exists()  # params.yaml: safetensors only
     assert sha256_file(REPO / "data/sample/alpaca.jsonl") in (tmp_path / "models/export/README.md").read_text()
+
+
+def test_card_of_a_gguf_base_records_the_file_hash_quantization_and_warning():
+    from reprotune.export.card import render_card
+
+    provenance = {"source": "gguf", "model": "models/local/m.gguf", "revision": None, "commit_sha": None,
+                  "gguf": {"sha256": "ab" * 32, "tensor_types": {"F32": 61, "Q4_1": 210}},
+                  "warning": "weights dequantized from Q4_1: they carry that quantization's error"}  # fmt: skip
+    card = render_card(load_params(REPO / "params.yaml"), provenance, [], ["model.safetensors"], {}, "0")
+    assert f"| GGUF sha256 | `{'ab' * 32}` |" in card
+    assert "| GGUF tensor types | F32 x61, Q4_1 x210 |" in card
+    assert "| warning | weights dequantized from Q4_1" in card

@@ -12,10 +12,10 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from reprotune.export import llama_cpp
+from reprotune import llama_cpp
 from reprotune.export.gguf import write_gguf
-from reprotune.export.llama_cpp import GGUFUnsupported, pre_tokenizer_name
 from reprotune.export.modelfile import default_system_message, is_chatml, render_modelfile
+from reprotune.llama_cpp import GGUFUnsupported, pre_tokenizer_name
 
 FIXTURE = Path(__file__).parent / "fixtures/llama_cpp/pre_tokenizer_names.json"
 Q = gguf.GGMLQuantizationType

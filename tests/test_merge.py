@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def merge_params(dtype: str, verify_sequences: int, max_shard_size: str):
+    """The folding math is checked on the original weights here; test_fold_into covers `dequantized`."""
     return params_with(
-        merge={"dtype": dtype, "verify_sequences": verify_sequences}, export={"max_shard_size": max_shard_size}
+        merge={"dtype": dtype, "verify_sequences": verify_sequences, "fold_into": "original"},
+        export={"max_shard_size": max_shard_size},
     )
 
 
@@ -267,8 +269,8 @@ def test_wrong_bytes_on_disk_fail_verification(base, adapter, packed, tmp_path, 
 
     real = merge_mod.merge
 
-    def merge_then_corrupt(base_dir, adapter_dir, out_dir, dtype, max_shard_bytes):
-        counts = real(base_dir, adapter_dir, out_dir, dtype, max_shard_bytes)
+    def merge_then_corrupt(base_dir, adapter_dir, out_dir, *args):
+        counts = real(base_dir, adapter_dir, out_dir, *args)
         ref = read_index(out_dir)["model.layers.2.self_attn.o_proj.weight"]
         with open(ref.file, "r+b") as f:
             scaled = read_tensor(ref, f) * 1.1

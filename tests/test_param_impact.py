@@ -25,6 +25,7 @@ OUTSIDE_PIPELINE = {
     "lib/reprotune/cli.py",
     "lib/reprotune/testing.py",
     "lib/reprotune/schema.py",
+    "lib/reprotune/real_model.py",
     "data/make_sample.py",
     "data/README.md",
     "data/raw/README.md",

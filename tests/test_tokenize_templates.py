@@ -21,7 +21,7 @@ from fixtures import make_tokenize_fixtures as fx
 END_OF_TURN = {"builtin": "<|im_end|>", "llama_spm": "</s>"}
 
 
-@pytest.fixture(scope="module", params=list(fx.BUILDERS))
+@pytest.fixture(scope="module", params=["builtin", "llama_spm"])
 def tok(request):
     tokenizer = fx.load_tokenizer(request.param)
     tokenizer.fixture_name = request.param
@@ -57,10 +57,44 @@ def check_bos_eos(tok, ids: list[int], eos: int = 1) -> None:
 # ----------------------------------------------------------------------------- goldens
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    return fx.load_tokenizer("smollm2")
+
+
+@pytest.mark.parametrize("name", list(fx.BUILDERS))
 @pytest.mark.parametrize("case", list(fx.CASES))
-def test_golden(tok, case):
-    golden = json.loads(fx.fixture_path(tok.fixture_name).read_text(encoding="utf-8"))
-    assert fx.encode_case(tok, case) == golden[case]
+def test_golden(name, case):
+    golden = json.loads(fx.fixture_path(name).read_text(encoding="utf-8"))
+    assert fx.encode_case(fx.load_tokenizer(name), case) == golden[case]
+
+
+# ----------------------------------------------------------------------------- a real tokenizer: SmolLM2
+
+
+def trained_and_untrained(tok, seq) -> tuple[list[str], str]:
+    """Decoded trained runs, and the text with every trained token removed."""
+    untrained = [t for t, label in zip(seq.input_ids, seq.labels()) if label == IGNORE_INDEX]
+    return [tok.decode(r) for r in runs(seq)], tok.decode(untrained)
+
+
+def test_smollm2_injected_system_message_and_headers_stay_untrained(smollm2):
+    [seq] = encode(smollm2, [fx.NO_SYSTEM]).sequences
+    trained, untrained = trained_and_untrained(smollm2, seq)
+    assert trained == ["4<|im_end|>", "6<|im_end|>"]  # each assistant turn with its end of turn, nothing else
+    assert untrained == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+        "\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n<|im_start|>assistant\n\n"
+    )
+
+
+def test_smollm2_alpaca_through_its_chat_template(smollm2):
+    [seq] = encode(smollm2, [fx.ALPACA], alpaca_format="chat_template").sequences
+    trained, untrained = trained_and_untrained(smollm2, seq)
+    assert trained == ["42<|im_end|>"]
+    assert untrained.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert "<|im_start|>user\nAdd 12 and 30.<|im_end|>\n<|im_start|>assistant\n" in untrained
 
 
 def test_labels_equal_ids_where_set(tok):

@@ -108,3 +108,42 @@ def test_a_head_that_shares_its_name_with_other_linears_is_bad_input():
     )
     with pytest.raises(BadInput, match="lora.target_linear: the output head 'lm_head' shares its name"):
         linear_leaf_names(model, exclude="lm_head")
+
+
+@pytest.fixture(scope="module")
+def tied(tiny, tmp_path_factory) -> Path:
+    """The tiny model with its output head tied to the embeddings (as SmolLM2, Qwen2-0.5B, Gemma)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tied")
+    for f in tiny.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    weights = load_file(tiny / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tiny / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return out
+
+
+@pytest.mark.parametrize(
+    "key, lora",
+    [
+        ("lora.target_modules", {"target_linear": False, "target_modules": ("q_proj", "lm_head")}),
+        ("lora.modules_to_save", {"modules_to_save": ("embed_tokens",)}),
+        ("lora.modules_to_save", {"modules_to_save": ("lm_head",)}),
+    ],
+)
+def test_training_one_side_of_tied_embeddings_is_bad_input(tied, key, lora):
+    entry = (lora.get("target_modules") or lora["modules_to_save"])[-1]
+    with pytest.raises(BadInput, match=rf"{key}: '{entry}' is tied to the"):
+        build(tied, quant={"load_in_4bit": False}, lora=lora)
+
+
+def test_tied_base_trains_every_linear_but_the_head(tied):
+    model = build(tied, quant={"load_in_4bit": False}, lora={"modules_to_save": None})
+    assert model.base_model.model.config.tie_word_embeddings
+    assert not any("lm_head.lora" in name for name, _ in model.named_parameters())

@@ -16,8 +16,10 @@ from reprotune.config.check import check_params, read_yaml
 def check(path: Path) -> int:
     """Print every problem in params file `path`; return the exit code."""
     raw, problems = read_yaml(path)
+    # paths in params are relative to the project (the folder with dvc.yaml), wherever the file lies
+    root = next((d for d in (path.parent, *path.parent.resolve().parents) if (d / "dvc.yaml").is_file()), path.parent)
     if not problems:
-        _, problems = check_params(raw, repo_root=path.parent)
+        _, problems = check_params(raw, repo_root=root)
     if not problems:
         print(f"{path}: OK")
         return 0

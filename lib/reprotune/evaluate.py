@@ -1,6 +1,11 @@
-"""Evaluate: the base and the tuned (merged) model side by side on the validation split.
+"""Evaluate: the base, the model as trained and the model as shipped, side by side on the validation split.
 
 Features
+- Three models on the same sequences: `base`; `as_trained`, the adapter on the base as training loaded
+  it (4-bit under QLoRA, settings from reprotune.quant, in the training's compute dtype): the model whose
+  loss training minimised; `as_shipped`, the merged checkpoint (models/merged): the model users get.
+  QLoRA trains against 4-bit weights and the merge folds into 16-bit ones (merge.fold_into), so the two
+  differ; `shipped_vs_trained` gives the gap in loss, exact match and the count of answers that differ.
 - Sequences: evaluate.max_sequences validation sequences of data/packed, evenly spaced over the
   split (reprotune.packed.read_val_sequences, also the merge stage's verification source).
 - Loss and perplexity: each sequence is scored alone (batch of one, positions 0..n-1, no padding),
@@ -14,11 +19,15 @@ Features
   cut at the first stop token; a match compares the decoded texts (special tokens skipped) after
   stripping whitespace. Sequences with no prompt (supervised from the first token) are not
   generated for.
-- Outputs: the metrics (metrics/evaluate.json) and samples.jsonl, the first evaluate.num_samples
-  prompts with reference, base and tuned answers side by side (moved to metrics/samples.jsonl).
-- Both models use the same sequences, tokenizer (the tuned folder's) and dtype (the tuned model's
-  stored dtype), on CUDA when available, else CPU. No sampling and no RNG: the figures are
-  deterministic for given weights, data and hardware.
+- General prompts (evaluate.prompts): questions outside the training tasks, rendered with the
+  tokenizer's chat template (as a single user turn, generation prompt added; raw text when there is
+  no template) and answered greedily by every model: what fine-tuning kept or lost.
+- Outputs: the metrics (metrics/evaluate.json) and samples.jsonl: the first evaluate.num_samples
+  validation prompts with the reference and every model's answer side by side, then the general
+  prompts (moved to metrics/samples.jsonl).
+- All models use the same sequences and tokenizer (the merged folder's); base and as_shipped the
+  merged model's stored dtype, on CUDA when available, else CPU. No sampling and no RNG: the figures
+  are deterministic for given weights, data and hardware.
 
 Trade-offs
 - One sequence at a time, and a hand-written greedy loop (KV cache, batch of one) instead of
@@ -33,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +52,11 @@ import torch.nn.functional as F
 from reprotune import layout
 from reprotune.config import Params
 from reprotune.config.sections import EvaluateConfig
+from reprotune.hardware import device_type, resolve
 from reprotune.io import atomic_file
 from reprotune.loading import load_model, stop_token_ids
 from reprotune.packed import IGNORE_INDEX, ValSequence, read_val_sequences
+from reprotune.quant import bnb_config
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
@@ -53,8 +65,12 @@ SAMPLES = "samples.jsonl"
 @dataclass(frozen=True)
 class EvaluateInputs:
     base: Path = layout.BASE
+    adapter: Path = layout.ADAPTER
     tuned: Path = layout.MERGED
     packed: Path = layout.PACKED
+
+
+Loader = Callable[[], torch.nn.Module]  # loads one model when called: one model in memory at a time
 
 
 @dataclass(frozen=True)
@@ -110,9 +126,16 @@ def greedy(model, prompt: list[int], max_new_tokens: int, stops: set[int]) -> li
 
 
 def score_model(
-    model, seqs: list[ValSequence], gens: list[Generation], tokenizer, max_new_tokens: int, stops: set[int]
-) -> tuple[dict, list[str]]:
-    """Loss/perplexity/exact match of one model, and its decoded outputs for `gens`."""
+    model,
+    seqs: list[ValSequence],
+    gens: list[Generation],
+    tokenizer,
+    max_new_tokens: int,
+    stops: set[int],
+    prompts: list[list[int]] = (),
+) -> tuple[dict, list[str], list[str]]:
+    """Loss/perplexity/exact match of one model, its decoded outputs for `gens`, and its answers to the
+    general `prompts` (token ids)."""
     nll, tokens = 0.0, 0
     for seq in seqs:
         s, n = sequence_nll(model, seq)
@@ -122,16 +145,21 @@ def score_model(
         text = decode(tokenizer, greedy(model, g.prompt, max_new_tokens, stops))
         outputs.append(text)
         matches += text == decode(tokenizer, g.reference)
+    answers = [decode(tokenizer, greedy(model, p, max_new_tokens, stops)) for p in prompts]
     loss = nll / tokens if tokens else None
-    return {
-        "sequences": len(seqs),
-        "supervised_tokens": tokens,
-        "loss": _round(loss),
-        "perplexity": _round(math.exp(loss) if loss is not None else None),
-        "generated": len(gens),
-        "exact_match": _round(matches / len(gens) if gens else None),
-        "exact_match_count": matches,
-    }, outputs
+    return (
+        {
+            "sequences": len(seqs),
+            "supervised_tokens": tokens,
+            "loss": _round(loss),
+            "perplexity": _round(math.exp(loss) if loss is not None else None),
+            "generated": len(gens),
+            "exact_match": _round(matches / len(gens) if gens else None),
+            "exact_match_count": matches,
+        },
+        outputs,
+        answers,
+    )
 
 
 def decode(tokenizer, ids: list[int]) -> str:
@@ -139,56 +167,112 @@ def decode(tokenizer, ids: list[int]) -> str:
 
 
 def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
-    """The stage core: base vs tuned metrics, with the sample generations in out_dir/samples.jsonl."""
-    metrics, samples = compare(inputs.base, inputs.tuned, inputs.packed, params.evaluate, params.base.trust_remote_code)
+    """The stage core: base, as-trained and as-shipped metrics, with the sample generations in
+    out_dir/samples.jsonl. Reads the evaluate section, base.trust_remote_code, and the quant section with
+    train.bf16 / train.fp16 (to load the base as training did)."""
+    trust = params.base.trust_remote_code
+    dtype = stored_dtype_of(inputs.tuned, trust)
+    loaders = {
+        "base": lambda: load_model(inputs.base, dtype, trust),
+        "as_trained": lambda: load_as_trained(inputs.base, inputs.adapter, params, trust),
+        "as_shipped": lambda: load_model(inputs.tuned, dtype, trust),
+    }
+    metrics, samples = compare(loaders, inputs.tuned, inputs.packed, params.evaluate, trust)
     with atomic_file(Path(out_dir) / SAMPLES) as f:
         f.writelines(json.dumps(s, sort_keys=True, ensure_ascii=False) + "\n" for s in samples)
-    return metrics
+    return {**metrics, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def stored_dtype_of(model_dir: Path, trust_remote_code: bool) -> torch.dtype:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
+
+
+def load_as_trained(base_dir: Path, adapter_dir: Path, params: Params, trust_remote_code: bool):
+    """The adapter on the base as training loaded it: 4-bit (quant section) in the training's compute dtype."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    quant = params.quant
+    compute = resolve(params.train.bf16, params.train.fp16, "sdpa", quant.bnb_4bit_compute_dtype).compute_dtype
+    kwargs = {"dtype": getattr(torch, compute)}
+    if quant.load_in_4bit:
+        kwargs |= {"quantization_config": bnb_config(quant, compute), "device_map": {"": device_type()}}
+    base = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, **kwargs)
+    model = PeftModel.from_pretrained(base, adapter_dir).to(device_type()).eval()
+    if quant.load_in_4bit:
+        from bitsandbytes.nn import Linear4bit
+
+        for module in model.modules():
+            # bitsandbytes' CPU inference path (eval mode, on CPUs with AVX512-BF16) repacks the 4-bit weights
+            # for a bf16 kernel, which rounds differently from training's dequantize-then-matmul in the compute
+            # dtype. The flag is set on bitsandbytes' own 4-bit layers only (they have no children and no
+            # train-only behaviour), never through .train(): peft's LoRA wrapper would switch its dropout on.
+            if isinstance(module, Linear4bit):
+                module.training = True
+    return model
+
+
+def chat_prompt(tokenizer, question: str) -> list[int]:
+    """A general question as the model is served: one user turn through the chat template, if any."""
+    if not tokenizer.chat_template:
+        return tokenizer.encode(question)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def compare(
-    base_dir: Path, tuned_dir: Path, packed_dir: Path, cfg: EvaluateConfig, trust_remote_code: bool = False
+    loaders: dict[str, Loader], tokenizer_dir: Path, packed_dir: Path, cfg: EvaluateConfig, trust_remote_code=False
 ) -> tuple[dict, list[dict]]:
-    """Metrics of base vs tuned, and up to cfg.num_samples sample generations."""
-    from transformers import AutoConfig, AutoTokenizer
+    """Metrics of each model (base first), up to cfg.num_samples validation generations and the answers to
+    cfg.prompts. Each loader is called once, its model freed before the next."""
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tuned_dir, trust_remote_code=trust_remote_code)
-    stops = stop_token_ids(tuned_dir, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    stops = stop_token_ids(tokenizer_dir, tokenizer)
     seqs = read_val_sequences(packed_dir, cfg.max_sequences)
     if not seqs:
         log.warning("no validation sequences under %s/val: figures are empty", packed_dir)
     gens = [g for i, s in enumerate(seqs) if (g := generation_of(i, s, stops))]
-    dtype = AutoConfig.from_pretrained(tuned_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
+    prompts = [chat_prompt(tokenizer, q) for q in cfg.prompts]
 
-    results, outputs = {}, {}
-    for name, path in (("base", base_dir), ("tuned", tuned_dir)):
-        model = load_model(path, dtype, trust_remote_code)
-        results[name], outputs[name] = score_model(model, seqs, gens, tokenizer, cfg.max_new_tokens, stops)
+    results, outputs, answers = {}, {}, {}
+    for name, load in loaders.items():
+        model = load()
+        results[name], outputs[name], answers[name] = score_model(
+            model, seqs, gens, tokenizer, cfg.max_new_tokens, stops, prompts
+        )
         del model  # one model in memory at a time
         log.info("%s: loss %s, exact match %s", name, results[name]["loss"], results[name]["exact_match"])
 
-    metrics = {
-        **results,
-        "dtype": str(dtype).removeprefix("torch."),
-        "delta_loss": _delta(results, "loss"),
-        "delta_exact_match": _delta(results, "exact_match"),
-    }
-    samples = [
-        {
-            "index": g.index,
-            "prompt": tokenizer.decode(g.prompt),
-            "reference": decode(tokenizer, g.reference),
-            "base": outputs["base"][k],
-            "tuned": outputs["tuned"][k],
+    metrics = dict(results)
+    if {"base", "as_shipped"} <= set(results):
+        metrics["delta_loss"] = _delta(results, "base", "as_shipped", "loss")
+        metrics["delta_exact_match"] = _delta(results, "base", "as_shipped", "exact_match")
+    if {"as_trained", "as_shipped"} <= set(results):
+        trained, shipped = outputs["as_trained"], outputs["as_shipped"]
+        metrics["shipped_vs_trained"] = {
+            "loss": _delta(results, "as_trained", "as_shipped", "loss"),
+            "exact_match": _delta(results, "as_trained", "as_shipped", "exact_match"),
+            "answers_differ": sum(a != b for a, b in zip(trained, shipped)),
         }
+    samples = [
+        {"index": g.index, "prompt": tokenizer.decode(g.prompt), "reference": decode(tokenizer, g.reference)}
+        | {name: outputs[name][k] for name in loaders}
         for k, g in enumerate(gens[: cfg.num_samples])
+    ]
+    samples += [
+        {"index": None, "prompt": tokenizer.decode(p), "reference": None} | {name: answers[name][k] for name in loaders}
+        for k, p in enumerate(prompts)
     ]
     return metrics, samples
 
 
-def _delta(results: dict, key: str) -> float | None:
-    base, tuned = results["base"][key], results["tuned"][key]
-    return None if base is None or tuned is None else _round(tuned - base)
+def _delta(results: dict, before: str, after: str, key: str) -> float | None:
+    a, b = results[before][key], results[after][key]
+    return None if a is None or b is None else _round(b - a)
 
 
 def _round(x: float | None) -> float | None:

@@ -4,6 +4,14 @@ Features
 - dtype (merge.dtype): auto = bf16 on CUDA sm80+, else the base's stored dtype (fp32 if none is
   recorded). Never 4-bit: the merge reloads the unquantized base checkpoint (QLoRA's 4-bit copy
   only ever lived in training memory), and a base stored quantized is refused as bad input.
+- Fold into (merge.fold_into): QLoRA trains the adapter against the 4-bit weights, so the model
+  that was trained is not base + adapter but round_trip(base) + adapter. `dequantized` folds the
+  adapter into each weight that 4-bit loading quantized (every Linear but the output head) as the
+  4-bit model computed with it (reprotune.quant.round_trip: bitsandbytes' own quantize, then
+  dequantize): the shipped model is the trained one up to rounding. `original` folds it into the
+  base's 16/32-bit weights, as peft's merge_and_unload does: the shipped model keeps the base's full
+  precision, but its adapter was fitted to other weights. Without quant.load_in_4bit the two are
+  the same. The evaluate stage measures both gaps (as trained vs as shipped).
 - Streaming: the merged checkpoint is written one tensor at a time. A base tensor is read from its
   safetensors file with plain reads (no mmap, so weights already written never stay resident),
   the LoRA delta is added in fp32 (W += scale * B @ A; DoRA then rescales each output row to its
@@ -91,6 +99,7 @@ from reprotune.hardware import DTYPE_NAMES, cuda_supports_bf16, device_type, pea
 from reprotune.io import write_json
 from reprotune.loading import copy_tokenizer_files, is_tokenizer_file, read_config, stored_dtype
 from reprotune.packed import read_val_sequences
+from reprotune.quant import quantized_names, round_trip
 from reprotune.tensors import natural_key, read_index, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -114,6 +123,8 @@ PLAIN_SETTINGS = {
     "layer_replication": None,
 }
 FALLBACK_SEQUENCE_LEN = 64
+# A base weight as the merge folds the adapter into it: (tensor name, weight as stored) -> weight
+BaseWeight = Callable[[str, torch.Tensor], torch.Tensor]
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}  # decimal, as save_pretrained's max_shard_size
 # Verification holds two sequences' logits (tokens x vocab, merge dtype) at a time: 2 x 256 tokens of a
 # 128k vocabulary in bf16 is 0.13 GB, whole 4k-token sequences would be 2 GB. Every weight is already
@@ -262,8 +273,36 @@ def shard_names(n: int) -> list[str]:
     return [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def merge_weights(base_dir: Path, adapter: Adapter, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
-    """Write the merged safetensors shards (+ index) into `out_dir`; returns counts."""
+def as_stored(name: str, weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def fold_target(params: Params, base_dir: Path) -> BaseWeight:
+    """merge.fold_into as a BaseWeight: the stored weights, or the 4-bit model's dequantized ones."""
+    if params.merge.fold_into == "original" or not params.quant.load_in_4bit:
+        return as_stored
+    from reprotune.hardware import resolve
+
+    compute = resolve(params.train.bf16, params.train.fp16, "sdpa", params.quant.bnb_4bit_compute_dtype).compute_dtype
+    names = quantized_names(base_dir, params.base.trust_remote_code)
+    device = device_type()
+
+    def dequantized(name: str, weight: torch.Tensor) -> torch.Tensor:
+        return round_trip(weight, params.quant, compute, device).cpu() if name in names else weight
+
+    return dequantized
+
+
+def merge_weights(
+    base_dir: Path,
+    adapter: Adapter,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    base_weight: BaseWeight = as_stored,
+) -> dict:
+    """Write the merged safetensors shards (+ index) into `out_dir`; returns counts. Each base tensor passes
+    through `base_weight` before the adapter is folded into it."""
     refs = read_index(base_dir)
     unknown = sorted((set(adapter.deltas) | set(adapter.replacements) | set(adapter.base_layers)) - set(refs))
     if unknown:
@@ -284,7 +323,7 @@ def merge_weights(base_dir: Path, adapter: Adapter, out_dir: Path, dtype: torch.
                 return adapter.replacements[name].to(dtype)
             raw = adapter.base_layers.get(name)
             if raw is None:
-                raw = read_tensor(refs[name], handles[refs[name].file])
+                raw = base_weight(name, read_tensor(refs[name], handles[refs[name].file]))
             if name in adapter.deltas:
                 return adapter.deltas[name].apply(raw).to(dtype)
             return raw.to(out_dtype(name))
@@ -318,10 +357,17 @@ def copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: tor
     write_json(Path(out_dir) / "config.json", config)
 
 
-def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
+def merge(
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    base_weight: BaseWeight = as_stored,
+) -> dict:
     """The complete merged model folder in the existing empty `out_dir` (not yet verified)."""
     adapter = read_adapter(adapter_dir)
-    counts = merge_weights(base_dir, adapter, out_dir, dtype, max_shard_bytes)
+    counts = merge_weights(base_dir, adapter, out_dir, dtype, max_shard_bytes, base_weight)
     copy_side_files(base_dir, adapter_dir, out_dir, dtype)
     return counts
 
@@ -392,12 +438,15 @@ def _cast_non_adapter_weights(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 @contextmanager
-def streamed(model: nn.Module, sources: dict, model_dir: Path, merge_adapters: bool = False) -> Iterator[None]:
+def streamed(
+    model: nn.Module, sources: dict, model_dir: Path, merge_adapters: bool = False, base_weight: BaseWeight = as_stored
+) -> Iterator[None]:
     """While open, each forward of `model` reads its weights from `model_dir` one module at a time:
     a hook loads a module's tensors (plain reads, see reprotune.tensors) just before it runs and puts
     the placeholders back after, so at most one module's weights are in memory. A LoRA-wrapped layer is
     one unit; with `merge_adapters` peft's own merge folds the adapter into its freshly read weight
-    before it runs (and unmerges after: the model is unmerged again when the context closes)."""
+    before it runs (and unmerges after: the model is unmerged again when the context closes). Each weight
+    read passes through `base_weight` (merge.fold_into)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     refs = read_index(model_dir)
@@ -408,8 +457,9 @@ def streamed(model: nn.Module, sources: dict, model_dir: Path, merge_adapters: b
 
     def load(unit: nn.Module, _args) -> None:
         for owner, attr, placeholder in units[unit]:
-            ref = refs[sources[placeholder]]
-            weight = read_tensor(ref, handles[ref.file]).to(placeholder.device, placeholder.dtype)
+            name = sources[placeholder]
+            weight = base_weight(name, read_tensor(refs[name], handles[refs[name].file]))
+            weight = weight.to(placeholder.device, placeholder.dtype)
             setattr(owner, attr, nn.Parameter(weight, requires_grad=False))
         if unit in held:
             for owner, attr, p in held[unit]:
@@ -503,23 +553,29 @@ def nan_max(values: list[float]) -> float:
 
 
 def verify(
-    inputs: MergeInputs, merged_dir: Path, dtype: torch.dtype, seqs: list[list[int]], trust_remote_code: bool
+    inputs: MergeInputs,
+    merged_dir: Path,
+    dtype: torch.dtype,
+    seqs: list[list[int]],
+    trust_remote_code: bool,
+    base_weight: BaseWeight = as_stored,
 ) -> dict:
     """Compare the logits of the merged checkpoint in `merged_dir` with PeftModel(base, adapter)'s, every
-    model streamed from disk; raise when they differ by more than the tolerance. The decoders run on the
+    model streamed from disk (the base's weights through `base_weight`, as the merge read them); raise
+    when they differ by more than the tolerance. The decoders run on the
     whole batch; the LM heads one sequence at a time, so that only two sequences' logits are ever held
     (a batch's, B x T x vocab, would be the largest thing in memory)."""
     adapted, base_sources = hollow_peft_model(inputs.base, inputs.adapter, dtype, trust_remote_code)
     merged, merged_sources = hollow_model(merged_dir, dtype, trust_remote_code)
     models = {
-        "reference": (adapted, base_sources, inputs.base, False),
-        "merged": (merged, merged_sources, merged_dir, False),
-        "peft-merged": (adapted, base_sources, inputs.base, True),
+        "reference": (adapted, base_sources, inputs.base, False, base_weight),
+        "merged": (merged, merged_sources, merged_dir, False, as_stored),
+        "peft-merged": (adapted, base_sources, inputs.base, True, base_weight),
     }  # the noise floor
 
     def run(name: str, fn: Callable, *args) -> torch.Tensor:
-        model, sources, folder, merge_adapters = models[name]
-        with streamed(model, sources, folder, merge_adapters):
+        model, sources, folder, merge_adapters, weights = models[name]
+        with streamed(model, sources, folder, merge_adapters, weights):
             return fn(model, *args)
 
     hidden = {name: run(name, hidden_states, *token_batch(seqs)) for name in models}
@@ -550,11 +606,13 @@ def verify(
 
 def merge_and_verify(params: Params, inputs: MergeInputs, out_dir: Path) -> dict:
     """Merge into the empty `out_dir` and verify it; returns the metrics of metrics/merge.json. Reads
-    merge.dtype, merge.verify_sequences, export.max_shard_size and base.trust_remote_code."""
+    the merge section, export.max_shard_size, base.trust_remote_code, and (for fold_into: dequantized) the quant
+    section and train.bf16 / train.fp16 (the compute dtype the 4-bit model ran in)."""
     dtype = resolve_dtype(params.merge.dtype, inputs.base)
     seqs = verify_inputs(inputs.packed, params.merge.verify_sequences, read_config(inputs.base)["vocab_size"])
-    counts = merge(inputs.base, inputs.adapter, out_dir, dtype, parse_size(params.export.max_shard_size))
-    check = verify(inputs, out_dir, dtype, seqs, params.base.trust_remote_code)
+    base_weight = fold_target(params, inputs.base)
+    counts = merge(inputs.base, inputs.adapter, out_dir, dtype, parse_size(params.export.max_shard_size), base_weight)
+    check = verify(inputs, out_dir, dtype, seqs, params.base.trust_remote_code, base_weight)
     log.info(
         "merged %d tensors into %d shard(s), %s; max |logit delta| %.3g <= %.3g",
         counts["merged_tensors"],
@@ -566,6 +624,7 @@ def merge_and_verify(params: Params, inputs: MergeInputs, out_dir: Path) -> dict
     return {
         **counts,
         **check,
+        "fold_into": "original" if base_weight is as_stored else "dequantized",
         "dtype": str(dtype).removeprefix("torch."),
         "device": device_type(),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),

@@ -250,11 +250,17 @@ def _base_problems(base: dict, root: Path) -> Iterator[Problem]:
             yield Problem("base.model", f"got {_show(model)}; built-in models: {', '.join(BUILTIN_MODELS)}")
         if revision is not None:
             yield Problem("base.revision", "applies to hub ids only; remove it for a built-in model")
+    elif model.endswith(".gguf") and not (root / model).is_file():
+        yield Problem(
+            "base.model",
+            f"GGUF file {_show(model)} not found; place it under {LOCAL_MODELS_DIR}/ "
+            "(`make real-model` fetches SmolLM2-135M-Instruct's)",
+        )
     elif (root / model).exists():
         if not _is_under(root / model, root / LOCAL_MODELS_DIR):
             yield Problem(
                 "base.model",
-                f"local model folders must lie under {LOCAL_MODELS_DIR}/ "
+                f"local models (folders, .gguf files) must lie under {LOCAL_MODELS_DIR}/ "
                 "(the base stage's declared dependency, so edits rerun it)",
             )
         if revision is not None:

@@ -50,12 +50,15 @@ class BaseConfig:
     """Which base model to fine-tune."""
 
     model: str = key("builtin:tiny-llama", minLength=1)
-    """builtin:tiny-llama (built offline), a local folder under models/local/, or a Hugging Face hub id
-    (org/name)."""
+    """builtin:tiny-llama (built offline), a local folder or .gguf file under models/local/, or a Hugging
+    Face hub id (org/name)."""
     revision: str | None = key(None, minLength=1)
     """Hub ids only: branch, tag or commit; resolved to a commit sha and recorded in models/base/."""
     trust_remote_code: bool = key(False)
     """Run model code shipped with a hub model. Off: only architectures built into transformers load."""
+    gguf_dtype: str = key("fp32", choices=("fp32", "bf16", "fp16"))
+    """GGUF bases only: dtype of the dequantized weights. fp32 keeps the dequantized values exactly; bf16
+    halves the size (for 7B+ models)."""
 
     @property
     def is_builtin(self) -> bool:
@@ -234,6 +237,10 @@ class MergeConfig:
     """dtype of the merged weights. auto: bf16 on CUDA sm80+, else the base's stored dtype. Never 4-bit."""
     verify_sequences: int = key(4, minimum=1)
     """Validation sequences on which merged logits must equal base+adapter logits."""
+    fold_into: str = key("dequantized", choices=("dequantized", "original"))
+    """Weights the adapter is folded into. dequantized: the 4-bit weights it was trained against, dequantized,
+    so the shipped model is the trained one; original: the base's 16/32-bit weights (peft's merge_and_unload),
+    which the adapter was not fitted to. Same thing without quant.load_in_4bit."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +252,12 @@ class EvaluateConfig:
     max_new_tokens: int = key(32, minimum=1)
     """Greedy generation length for exact-match checks."""
     num_samples: int = key(8, minimum=0)
-    """Generations written to metrics/samples.jsonl."""
+    """Validation generations written to metrics/samples.jsonl."""
+    prompts: tuple[str, ...] = key(
+        ("What is the capital of France?", "Give one tip for staying healthy."), items={"minLength": 1}
+    )
+    """General questions outside the training tasks, answered by every model in metrics/samples.jsonl (through
+    the chat template): what fine-tuning kept or lost."""
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,7 @@ Modules (import the one you need; this package file imports nothing):
 - manifest.py  manifest.json (SHA-256 of every file) and `verify_manifest`.
 - gguf.py      a llama.cpp GGUF file (f32/f16/q8_0) for Llama-architecture models, written with the `gguf`
                package: llama.cpp tensor names, rotary Q/K permutation, hyperparameters, BPE tokenizer,
-               chat template and stop tokens.
-- llama_cpp.py the pre-tokenizer name llama.cpp needs, chosen by behaviour on llama.cpp's probe text.
+               chat template and stop tokens; the pre-tokenizer name from reprotune.llama_cpp.
 - modelfile.py Ollama's Modelfile: FROM the GGUF, TEMPLATE (ChatML), SYSTEM, stop parameters.
                Tensors stream from the merged shards through reprotune.tensors.
 

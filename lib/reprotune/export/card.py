@@ -115,6 +115,8 @@ def render_card(
         f"| source | {provenance.get('source', 'unknown')} |",
         f"| revision | {_code(provenance.get('revision'))} |",
         f"| commit | {_code(provenance.get('commit_sha'))} |",
+        *_gguf_rows(provenance.get("gguf")),
+        *([f"| warning | {provenance['warning']} |"] if provenance.get("warning") else []),
         "",
         "## Training data",
         "",
@@ -147,6 +149,14 @@ def render_card(
         "",
     ]
     return scrub("\n".join(lines))
+
+
+def _gguf_rows(gguf: dict | None) -> list[str]:
+    """A GGUF base: the file's hash and what its tensors were quantized to."""
+    if not gguf:
+        return []
+    types = ", ".join(f"{t} x{n}" for t, n in gguf["tensor_types"].items())
+    return [f"| GGUF sha256 | {_code(gguf['sha256'])} |", f"| GGUF tensor types | {types} |"]
 
 
 def _code(value: Any) -> str:

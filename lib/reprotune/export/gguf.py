@@ -38,7 +38,7 @@ import gguf
 import numpy as np
 import torch
 
-from reprotune.export.llama_cpp import GGUFUnsupported, pre_tokenizer_name
+from reprotune.llama_cpp import GGUFUnsupported, pre_tokenizer_name
 from reprotune.loading import read_config
 from reprotune.tensors import natural_key, read_index, read_tensor
 

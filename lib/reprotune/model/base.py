@@ -1,7 +1,9 @@
 """Resolve the configured base model to a pinned copy in a folder, with a provenance record.
 
-Three sources, tried in this order:
+Four sources, tried in this order:
 - `builtin:<name>`: built here from fixed inputs (see builtin.py), no network.
+- a local GGUF file (`*.gguf`, relative to the repo root): dequantized into safetensors with its
+  tokenizer and chat template (see gguf_base.py).
 - a local folder (relative to the repo root): its weights and tokenizer files are copied.
 - a Hugging Face hub id `org/name`: the given revision is resolved to a commit sha first and the
   download is pinned to that sha, so a moving branch or tag cannot change the base under DVC.
@@ -26,6 +28,7 @@ from reprotune.errors import BadInput
 from reprotune.io import sha256_tree, write_json
 from reprotune.loading import PROVENANCE_FILE, TOKENIZER_FILES
 from reprotune.model.builtin import build_tiny_llama
+from reprotune.model.gguf_base import convert_gguf
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-llama": build_tiny_llama}
 
@@ -61,6 +64,10 @@ def resolve_base(params: Params, inputs: BaseInputs, out_dir: Path) -> dict[str,
     local = Path(model) if Path(model).is_absolute() else Path(inputs.repo_root) / model
     if model.startswith(BUILTIN_PREFIX):
         prov = _from_builtin(model, out_dir)
+    elif model.endswith(".gguf"):
+        if not local.is_file():
+            raise BadInput(f"base.model: GGUF file {model!r} not found (`make real-model` fetches SmolLM2's)")
+        prov = convert_gguf(model, local, out_dir, cfg.gguf_dtype)
     elif local.exists():
         prov = _from_local(model, local, out_dir, trust_remote_code)
     else:

@@ -1,8 +1,8 @@
 """The trainable model: the base (4-bit NF4/FP4 or full precision) with a LoRA adapter from peft.
 
-- 4-bit (quant.load_in_4bit): bitsandbytes quantizes every Linear but the output head while loading;
-  compute dtype and attention come from hardware.resolve; quant storage `auto` is uint8 (FSDP would
-  need it equal to the compute dtype, see the package docstring). `prepare_model_for_kbit_training`
+- 4-bit (quant.load_in_4bit): bitsandbytes quantizes every Linear but the output head while loading
+  (settings from reprotune.quant, shared with evaluate and merge); compute dtype and attention come
+  from hardware.resolve. `prepare_model_for_kbit_training`
   freezes the base, upcasts the small non-quantized parts (norms, embeddings, head) to fp32 and
   turns on non-reentrant gradient checkpointing.
 - Without 4-bit: the base is loaded in the compute dtype (fp32 on CPU) and frozen by peft.
@@ -23,9 +23,8 @@ from pathlib import Path
 
 from reprotune.config.sections import LoraConfig, QuantConfig, TrainConfig
 from reprotune.errors import BadInput
-from reprotune.hardware import DTYPE_NAMES, Capabilities
-
-STORAGE_DTYPES = {"auto": "uint8", "uint8": "uint8", **DTYPE_NAMES}
+from reprotune.hardware import Capabilities
+from reprotune.quant import bnb_config
 
 
 def load_trainable(
@@ -57,15 +56,7 @@ def _load_kwargs(quant: QuantConfig, caps: Capabilities) -> dict:
 
     kwargs = {"dtype": getattr(torch, caps.compute_dtype)}
     if quant.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, caps.compute_dtype),
-            bnb_4bit_quant_storage=getattr(torch, STORAGE_DTYPES[quant.bnb_4bit_quant_storage]),
-        )
+        kwargs["quantization_config"] = bnb_config(quant, caps.compute_dtype)
         # bitsandbytes quantizes on the device the weights land on; under DDP each process owns one GPU
         local = int(os.environ.get("LOCAL_RANK", 0))
         kwargs["device_map"] = {"": f"cuda:{local}" if caps.device == "cuda" else "cpu"}
@@ -81,6 +72,8 @@ def adapter_config(model, lora: LoraConfig):
     saved = list(lora.modules_to_save) if lora.modules_to_save else None
     if saved:
         check_names(model, saved, "lora.modules_to_save")
+    check_untied(model, targets, "lora.target_modules")
+    check_untied(model, saved or [], "lora.modules_to_save")
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -92,6 +85,23 @@ def adapter_config(model, lora: LoraConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def check_untied(model, entries: list[str], key: str) -> None:
+    """With tied embeddings (tie_word_embeddings: one matrix is both the input embedding and the output head)
+    an adapter or a trained copy of either would update one use and not the other in training, then both in
+    the merged checkpoint, which stores the matrix once: the shipped model would not be the trained one."""
+    if not model.config.get_text_config().tie_word_embeddings:
+        return
+    tied = {output_head_name(model)}
+    tied |= {name for name, m in model.named_modules() if m is model.get_input_embeddings()}
+    for entry in entries:
+        if any(name == entry or name.endswith("." + entry) for name in tied):
+            raise BadInput(
+                f"{key}: {entry!r} is tied to the {'output head' if 'embed' in entry else 'input embeddings'} "
+                "(the base has tie_word_embeddings: true); training it alone would untie what the merged model "
+                "stores once. Leave it out (lora.target_linear already skips the output head)"
+            )
 
 
 def output_head_name(model) -> str:

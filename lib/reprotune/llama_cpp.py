@@ -1,5 +1,9 @@
 """llama.cpp's name for a tokenizer's pre-tokenizer (`tokenizer.ggml.pre`), chosen by behaviour.
 
+The contract between this project and llama.cpp's vocabularies, both ways: the export stage names the
+pre-tokenizer of the GGUF it writes, and the base stage checks that a tokenizer rebuilt from a GGUF
+file splits text the way the name in that file says (a GGUF as the base model).
+
 llama.cpp splits text before BPE with one of a fixed set of regexes, picked by this name; a name it
 does not know fails the load ("unknown pre-tokenizer type"), and a wrong known name tokenizes
 differently from transformers without any error. So the name is chosen the way llama.cpp's own
@@ -26,7 +30,7 @@ from reprotune.errors import BadInput
 
 
 class GGUFUnsupported(BadInput):
-    """export.formats asks for GGUF, but this checkpoint or tokenizer cannot be written exactly."""
+    """A checkpoint or tokenizer that cannot be converted exactly to or from GGUF."""
 
 
 # llama.cpp's regexes (src/llama-vocab.cpp) for the names matched by behaviour
@@ -73,8 +77,9 @@ def names() -> set[str]:
     return set(converter_table()["known_hashes"].values()) | set(reference_pre_tokenizers())
 
 
-def pre_tokenizer_name(tokenizer, spec: dict) -> str:
-    """llama.cpp's name for the fast `tokenizer` (its tokenizer.json as `spec`); BadInput when none fits."""
+def pre_tokenizer_name(tokenizer, spec: dict, key: str = "export.formats gguf") -> str:
+    """llama.cpp's name for the fast `tokenizer` (its tokenizer.json as `spec`); BadInput when none fits,
+    its message starting with `key` (the params key that asked for the conversion)."""
     digest = probe_hash(tokenizer)
     known = converter_table()["known_hashes"].get(digest)
     if known:
@@ -82,18 +87,19 @@ def pre_tokenizer_name(tokenizer, spec: dict) -> str:
     backend = tokenizer.backend_tokenizer
     probe = converter_table()["probe_text"]
     if backend.normalizer is not None and backend.normalizer.normalize_str(probe) != probe:
-        raise _refusal(spec, digest, "its normalizer changes text before the split, which llama.cpp never does")
+        raise _refusal(key, spec, digest, "its normalizer changes text before the split, which llama.cpp never does")
     pieces = backend.pre_tokenizer.pre_tokenize_str(probe) if backend.pre_tokenizer else [(probe, None)]
     ignores_merges = bool(spec["model"].get("ignore_merges"))
     for name, reference in reference_pre_tokenizers().items():
         if reference.pre_tokenize_str(probe) == pieces and ignores_merges == (name in IGNORES_MERGES):
             return name
-    raise _refusal(spec, digest, "its split of llama.cpp's probe text matches none of " + ", ".join(names()))
+    raise _refusal(key, spec, digest, "its split of llama.cpp's probe text matches none of " + ", ".join(names()))
 
 
-def _refusal(spec: dict, digest: str, why: str) -> GGUFUnsupported:
+def _refusal(key: str, spec: dict, digest: str, why: str) -> GGUFUnsupported:
     found = json.dumps(spec.get("pre_tokenizer"), sort_keys=True)[:300]
     return GGUFUnsupported(
-        f"export.formats gguf: no llama.cpp pre-tokenizer name fits this tokenizer ({why}; probe hash "
-        f"{digest[:12]}..., pre_tokenizer {found}); convert it with llama.cpp's convert_hf_to_gguf.py"
+        f"{key}: no llama.cpp pre-tokenizer name fits this tokenizer ({why}; probe hash "
+        f"{digest[:12]}..., pre_tokenizer {found})"
+        + ("; convert it with llama.cpp's convert_hf_to_gguf.py" if key.startswith("export") else "")
     )

@@ -1,0 +1,68 @@
+"""The 4-bit base of QLoRA: how it is loaded (train, evaluate's "as trained") and what it rounds weights to
+(merge.fold_into: dequantized). One owner, so the three agree on every quantization setting.
+
+- `bnb_config`: transformers' BitsAndBytesConfig from the quant section and the resolved compute dtype.
+  Quant storage `auto` is uint8 (FSDP would need it equal to the compute dtype).
+- `quantized_names`: the weights bitsandbytes quantizes when loading: every nn.Linear but the output
+  head (transformers keeps the head in full precision), found on a weightless copy of the model.
+- `round_trip`: a weight as the 4-bit model computes with it: quantized by bitsandbytes' own
+  Params4bit (same quant type, block size, double quantization and storage as loading uses), then
+  dequantized to the compute dtype. Exactly the matrix a Linear4bit multiplies by in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reprotune.config.sections import QuantConfig
+from reprotune.hardware import DTYPE_NAMES
+
+STORAGE_DTYPES = {"auto": "uint8", "uint8": "uint8", **DTYPE_NAMES}
+
+
+def bnb_config(quant: QuantConfig, compute_dtype: str):
+    """BitsAndBytesConfig for 4-bit loading; `compute_dtype` is a torch dtype name (float32, bfloat16...)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, STORAGE_DTYPES[quant.bnb_4bit_quant_storage]),
+    )
+
+
+def quantized_names(model_dir: Path, trust_remote_code: bool = False) -> set[str]:
+    """Tensor names (e.g. model.layers.0.mlp.up_proj.weight) that 4-bit loading quantizes."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+
+
+def round_trip(weight, quant: QuantConfig, compute_dtype: str, device: str):
+    """`weight` (out, in) quantized as 4-bit loading does, then dequantized: (out, in) in `compute_dtype`."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Params4bit
+
+    dtype = getattr(torch, compute_dtype)
+    param = Params4bit(
+        weight.to(dtype),  # loading casts to the compute dtype before bitsandbytes quantizes
+        requires_grad=False,
+        compress_statistics=quant.bnb_4bit_use_double_quant,
+        quant_type=quant.bnb_4bit_quant_type,
+        quant_storage=getattr(torch, STORAGE_DTYPES[quant.bnb_4bit_quant_storage]),
+    ).to(device)  # quantizes on the way
+    return dequantize_4bit(param.data, param.quant_state).to(dtype).reshape(weight.shape)
