@@ -1,6 +1,6 @@
 """Stage `export`: models/export/, the deployable folder (weights, tokenizer, card, manifest, GGUF).
 
-The last stage: its report line sums up the run (base vs tuned on the validation split).
+The last stage: its report line sums up the run (base vs the shipped model on the validation split).
 """
 
 from reprotune.export.bundle import ExportInputs, build_export

@@ -66,7 +66,7 @@ SAMPLES = "samples.jsonl"
 class EvaluateInputs:
     base: Path = layout.BASE
     adapter: Path = layout.ADAPTER
-    tuned: Path = layout.MERGED
+    merged: Path = layout.MERGED
     packed: Path = layout.PACKED
 
 
@@ -171,13 +171,13 @@ def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
     out_dir/samples.jsonl. Reads the evaluate section, base.trust_remote_code, and the quant section with
     train.bf16 / train.fp16 (to load the base as training did)."""
     trust = params.base.trust_remote_code
-    dtype = stored_dtype_of(inputs.tuned, trust)
+    dtype = stored_dtype_of(inputs.merged, trust)
     loaders = {
         "base": lambda: load_model(inputs.base, dtype, trust),
         "as_trained": lambda: load_as_trained(inputs.base, inputs.adapter, params, trust),
-        "as_shipped": lambda: load_model(inputs.tuned, dtype, trust),
+        "as_shipped": lambda: load_model(inputs.merged, dtype, trust),
     }
-    metrics, samples = compare(loaders, inputs.tuned, inputs.packed, params.evaluate, trust)
+    metrics, samples = compare(loaders, inputs.merged, inputs.packed, params.evaluate, trust)
     with atomic_file(Path(out_dir) / SAMPLES) as f:
         f.writelines(json.dumps(s, sort_keys=True, ensure_ascii=False) + "\n" for s in samples)
     return {**metrics, "dtype": str(dtype).removeprefix("torch.")}
