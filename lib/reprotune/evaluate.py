@@ -52,11 +52,11 @@ import torch.nn.functional as F
 from reprotune import layout
 from reprotune.config import Params
 from reprotune.config.sections import EvaluateConfig
-from reprotune.hardware import device_type, resolve
+from reprotune.hardware import device_type
 from reprotune.io import atomic_file
-from reprotune.loading import load_model, stop_token_ids
+from reprotune.loading import load_model, read_config, stop_token_ids, stored_dtype
 from reprotune.packed import IGNORE_INDEX, ValSequence, read_val_sequences
-from reprotune.quant import bnb_config
+from reprotune.quant import load_kwargs, training_compute_dtype
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
@@ -171,7 +171,7 @@ def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
     out_dir/samples.jsonl. Reads the evaluate section, base.trust_remote_code, and the quant section with
     train.bf16 / train.fp16 (to load the base as training did)."""
     trust = params.base.trust_remote_code
-    dtype = stored_dtype_of(inputs.merged, trust)
+    dtype = getattr(torch, stored_dtype(read_config(inputs.merged)) or "float32")
     loaders = {
         "base": lambda: load_model(inputs.base, dtype, trust),
         "as_trained": lambda: load_as_trained(inputs.base, inputs.adapter, params, trust),
@@ -183,22 +183,13 @@ def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
     return {**metrics, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def stored_dtype_of(model_dir: Path, trust_remote_code: bool) -> torch.dtype:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
-
-
 def load_as_trained(base_dir: Path, adapter_dir: Path, params: Params, trust_remote_code: bool):
     """The adapter on the base as training loaded it: 4-bit (quant section) in the training's compute dtype."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     quant = params.quant
-    compute = resolve(params.train.bf16, params.train.fp16, "sdpa", quant.bnb_4bit_compute_dtype).compute_dtype
-    kwargs = {"dtype": getattr(torch, compute)}
-    if quant.load_in_4bit:
-        kwargs |= {"quantization_config": bnb_config(quant, compute), "device_map": {"": device_type()}}
+    kwargs = load_kwargs(quant, training_compute_dtype(quant, params.train), device_type())
     base = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, **kwargs)
     model = PeftModel.from_pretrained(base, adapter_dir).to(device_type()).eval()
     if quant.load_in_4bit:

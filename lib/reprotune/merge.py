@@ -99,7 +99,7 @@ from reprotune.hardware import DTYPE_NAMES, cuda_supports_bf16, device_type, pea
 from reprotune.io import write_json
 from reprotune.loading import copy_tokenizer_files, is_tokenizer_file, read_config, stored_dtype
 from reprotune.packed import read_val_sequences
-from reprotune.quant import quantized_names, round_trip
+from reprotune.quant import quantized_names, round_trip, training_compute_dtype
 from reprotune.tensors import natural_key, read_index, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -281,9 +281,7 @@ def fold_target(params: Params, base_dir: Path) -> BaseWeight:
     """merge.fold_into as a BaseWeight: the stored weights, or the 4-bit model's dequantized ones."""
     if params.merge.fold_into == "original" or not params.quant.load_in_4bit:
         return as_stored
-    from reprotune.hardware import resolve
-
-    compute = resolve(params.train.bf16, params.train.fp16, "sdpa", params.quant.bnb_4bit_compute_dtype).compute_dtype
+    compute = training_compute_dtype(params.quant, params.train)
     names = quantized_names(base_dir, params.base.trust_remote_code)
     device = device_type()
 

@@ -1,8 +1,11 @@
 """The 4-bit base of QLoRA: how it is loaded (train, evaluate's "as trained") and what it rounds weights to
 (merge.fold_into: dequantized). One owner, so the three agree on every quantization setting.
 
+- `compute_dtype_setting` / `training_compute_dtype`: the dtype training computes in (the 4-bit compute
+  dtype setting under QLoRA, else `auto`, resolved for this machine by hardware.resolve).
 - `bnb_config`: transformers' BitsAndBytesConfig from the quant section and the resolved compute dtype.
   Quant storage `auto` is uint8 (FSDP would need it equal to the compute dtype).
+- `load_kwargs`: from_pretrained's arguments for the base as training loads it.
 - `quantized_names`: the weights bitsandbytes quantizes when loading: every nn.Linear but the output
   head (transformers keeps the head in full precision), found on a weightless copy of the model.
 - `round_trip`: a weight as the 4-bit model computes with it: quantized by bitsandbytes' own
@@ -14,10 +17,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reprotune.config.sections import QuantConfig
-from reprotune.hardware import DTYPE_NAMES
+from reprotune.config.sections import QuantConfig, TrainConfig
+from reprotune.hardware import DTYPE_NAMES, resolve
 
 STORAGE_DTYPES = {"auto": "uint8", "uint8": "uint8", **DTYPE_NAMES}
+
+
+def compute_dtype_setting(quant: QuantConfig) -> str:
+    """hardware.resolve's compute_dtype argument: bnb_4bit_compute_dtype under QLoRA, else auto."""
+    return quant.bnb_4bit_compute_dtype if quant.load_in_4bit else "auto"
+
+
+def training_compute_dtype(quant: QuantConfig, train: TrainConfig) -> str:
+    """The torch dtype name training computes in on this machine (float32 on CPU)."""
+    return resolve(train.bf16, train.fp16, "sdpa", compute_dtype_setting(quant)).compute_dtype
+
+
+def load_kwargs(quant: QuantConfig, compute_dtype: str, device: str) -> dict:
+    """from_pretrained arguments for the base as training loads it: in `compute_dtype`, and under QLoRA
+    quantized to 4 bits on `device` (bitsandbytes quantizes where the weights land)."""
+    import torch
+
+    kwargs = {"dtype": getattr(torch, compute_dtype)}
+    if quant.load_in_4bit:
+        kwargs |= {"quantization_config": bnb_config(quant, compute_dtype), "device_map": {"": device}}
+    return kwargs
 
 
 def bnb_config(quant: QuantConfig, compute_dtype: str):

@@ -24,7 +24,7 @@ from pathlib import Path
 from reprotune.config.sections import LoraConfig, QuantConfig, TrainConfig
 from reprotune.errors import BadInput
 from reprotune.hardware import Capabilities
-from reprotune.quant import bnb_config
+from reprotune.quant import load_kwargs
 
 
 def load_trainable(
@@ -37,7 +37,10 @@ def load_trainable(
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation=attn, **_load_kwargs(quant, caps))
+    # under DDP each process owns one GPU
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if caps.device == "cuda" else "cpu"
+    kwargs = load_kwargs(quant, caps.compute_dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation=attn, **kwargs)
     model.config.use_cache = False
     if quant.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -49,18 +52,6 @@ def load_trainable(
         )
     set_seed(train.seed)  # LoRA A matrices are drawn from the global RNG
     return get_peft_model(model, adapter_config(model, lora))
-
-
-def _load_kwargs(quant: QuantConfig, caps: Capabilities) -> dict:
-    import torch
-
-    kwargs = {"dtype": getattr(torch, caps.compute_dtype)}
-    if quant.load_in_4bit:
-        kwargs["quantization_config"] = bnb_config(quant, caps.compute_dtype)
-        # bitsandbytes quantizes on the device the weights land on; under DDP each process owns one GPU
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        kwargs["device_map"] = {"": f"cuda:{local}" if caps.device == "cuda" else "cpu"}
-    return kwargs
 
 
 def adapter_config(model, lora: LoraConfig):

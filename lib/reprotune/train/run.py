@@ -22,6 +22,7 @@ from reprotune.hardware import Capabilities, peak_rss_bytes, resolve
 from reprotune.io import write_json
 from reprotune.loading import copy_tokenizer_files
 from reprotune.packed import PackedRows, read_manifest, split_files
+from reprotune.quant import compute_dtype_setting
 from reprotune.train import attention
 from reprotune.train.batches import PaddedCollator, collate_padding_free
 from reprotune.train.checkpoints import fingerprint, select_resume, step_of
@@ -63,7 +64,7 @@ def params_read(params: Params) -> dict:
 
 def capabilities(params: Params) -> Capabilities:
     t, q = params.train, params.quant
-    return resolve(t.bf16, t.fp16, t.attn_implementation, q.bnb_4bit_compute_dtype if q.load_in_4bit else "auto")
+    return resolve(t.bf16, t.fp16, t.attn_implementation, compute_dtype_setting(q))
 
 
 def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
