@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,6 +29,35 @@ def copy_repo(dest: Path) -> Path:
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=dest, check=True)
     return dest
+
+
+# The shipped params with a pipeline run cut to about a minute on 2 cores: 2 optimizer steps, a few
+# sequences evaluated and verified. Everything else (data, base, template, LoRA, merge, export) is shipped.
+SHORT_RUN = {
+    "train": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
+    "merge": {"verify_sequences": 2},
+    "evaluate": {"max_sequences": 8, "max_new_tokens": 8, "num_samples": 2, "prompts": ["What is 2 + 3?"]},
+}
+
+
+def shorten_training(repo: Path) -> None:
+    """Write SHORT_RUN into repo/params.yaml (comments are not kept: this is a test copy)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in SHORT_RUN.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def output_hashes(repo: Path) -> dict[str, str]:
+    """SHA-256 of every file of every stage output in dvc.yaml, by path under the output's parent."""
+    from reprotune.io import sha256_tree
+
+    hashes = {}
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for out in stage.get("outs", []):
+            path = repo / (out if isinstance(out, str) else next(iter(out)))
+            hashes |= {f"{path.name}/{k}": v for k, v in sha256_tree(path.parent).items() if k.startswith(path.name)}
+    return hashes
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_repo
-
-from reprotune.io import sha256_tree
+from conftest import copy_repo, output_hashes
 
 BIN = Path(sys.executable).parent
 
@@ -23,15 +21,6 @@ def dvc(repo: Path, *args: str) -> str:
     result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-def outputs(repo: Path) -> dict[str, str]:
-    hashes = {}
-    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
-        for out in stage.get("outs", []):
-            path = repo / (out if isinstance(out, str) else next(iter(out)))
-            hashes |= {f"{path.name}/{k}": v for k, v in sha256_tree(path.parent).items() if k.startswith(path.name)}
-    return hashes
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +85,7 @@ def test_second_clone_restores_everything_from_the_shared_remote(pipeline, tmp_p
     dvc(second, "pull", "--run-cache")
     log = dvc(second, "repro")
     assert "Running stage" not in log, log
-    assert outputs(second) == outputs(first)
+    assert output_hashes(second) == output_hashes(first)
 
     # A clone with no lock at all (a branch that never ran): the run cache alone restores every stage.
     third = copy_repo(tmp_path / "third")
@@ -104,7 +93,7 @@ def test_second_clone_restores_everything_from_the_shared_remote(pipeline, tmp_p
     dvc(third, "pull", "--run-cache", "--allow-missing")
     log = dvc(third, "repro", "--pull")
     assert "Running stage" not in log and "is cached - skipping run" in log, log
-    assert outputs(third) == outputs(first)
+    assert output_hashes(third) == output_hashes(first)
 
 
 def test_deterministic_outputs_let_later_stages_come_from_the_cache(pipeline, tmp_path):
@@ -117,9 +106,10 @@ def test_deterministic_outputs_let_later_stages_come_from_the_cache(pipeline, tm
     dvc(clone, "pull", "--run-cache", "--allow-missing")
     log = dvc(clone, "repro", "--pull")
     assert "Running stage" not in log, log
-    assert outputs(clone) == outputs(first)
+    assert output_hashes(clone) == output_hashes(first)
 
 
+@pytest.mark.slow  # 2.5 min; tests/test_workflow_steps.py runs `dvc exp run -S` sweeps in `make test`
 def test_a_queued_sweep_reruns_only_train_onwards_and_shows_in_exp_show(pipeline):
     """`dvc exp run --queue -S ...` twice, `dvc queue start`, `dvc exp show`: the README's sweep, shortened
     to 2 optimizer steps per experiment. Last in this module: it adds experiment refs to the first clone."""
