@@ -80,6 +80,7 @@ def run(
     records = synthetic_records(n_records, seed)
     cfg = TokenizeConfig(
         sequence_len=sequence_len, sample_packing=True, train_on_inputs=False, roles_to_train=("assistant",),
+        train_on_eos="turn",
         alpaca_format="alpaca", excess_length="drop", val_set_size=0.05, seed=42, num_proc=num_proc,
         batch_size=batch_size,
     )  # fmt: skip

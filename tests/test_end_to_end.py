@@ -1,6 +1,7 @@
 """The whole pipeline under `dvc repro` in a temporary copy of the repo, run once for this module:
-every stage runs offline on the built-in model and the sample data, the exported model loads and
-generates, and a shared DVC remote lets other clones restore everything without running a stage."""
+every stage runs offline on the built-in model and the sample data (training cut to 2 steps), the
+exported model loads and generates, and a shared DVC remote lets other clones restore everything
+without running a stage."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_repo, output_hashes
+from conftest import copy_repo, output_hashes, shorten_training
 
 BIN = Path(sys.executable).parent
 
@@ -23,11 +24,20 @@ def dvc(repo: Path, *args: str) -> str:
     return result.stdout
 
 
+def short_copy(dest: Path) -> Path:
+    """A copy of the repo whose committed params train for 2 steps (conftest.SHORT_RUN): every stage still
+    runs for real; `make run` and the README give the full-length figures."""
+    repo = copy_repo(dest)
+    shorten_training(repo)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "short"], cwd=repo, check=True)
+    return repo
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A clone that ran the full pipeline and pushed its results and run cache to a local remote."""
     root = tmp_path_factory.mktemp("e2e")
-    repo = copy_repo(root / "first")
+    repo = short_copy(root / "first")
     dvc(repo, "remote", "add", "-d", "shared", str(root / "remote"))
     log = dvc(repo, "repro")
     dvc(repo, "push", "--run-cache")
@@ -79,7 +89,7 @@ def test_second_clone_restores_everything_from_the_shared_remote(pipeline, tmp_p
     first, remote, _ = pipeline
 
     # A teammate's clone with the committed dvc.lock: pull, and repro has nothing to run.
-    second = copy_repo(tmp_path / "second")
+    second = short_copy(tmp_path / "second")
     (second / "dvc.lock").write_bytes((first / "dvc.lock").read_bytes())
     dvc(second, "remote", "add", "-d", "shared", str(remote))
     dvc(second, "pull", "--run-cache")
@@ -88,7 +98,7 @@ def test_second_clone_restores_everything_from_the_shared_remote(pipeline, tmp_p
     assert output_hashes(second) == output_hashes(first)
 
     # A clone with no lock at all (a branch that never ran): the run cache alone restores every stage.
-    third = copy_repo(tmp_path / "third")
+    third = short_copy(tmp_path / "third")
     dvc(third, "remote", "add", "-d", "shared", str(remote))
     dvc(third, "pull", "--run-cache", "--allow-missing")
     log = dvc(third, "repro", "--pull")
@@ -100,7 +110,7 @@ def test_deterministic_outputs_let_later_stages_come_from_the_cache(pipeline, tm
     """A clone that runs the first stages itself gets byte-identical outputs, so every later stage's
     deps match the shared run cache and they are restored, not rerun."""
     first, remote, _ = pipeline
-    clone = copy_repo(tmp_path / "clone")
+    clone = short_copy(tmp_path / "clone")
     dvc(clone, "remote", "add", "-d", "shared", str(remote))
     assert "Running stage 'tokenize'" in dvc(clone, "repro", "--no-run-cache", "tokenize")
     dvc(clone, "pull", "--run-cache", "--allow-missing")

@@ -26,6 +26,7 @@ OUTSIDE_PIPELINE = {
     "lib/reprotune/testing.py",
     "lib/reprotune/schema.py",
     "lib/reprotune/real_model.py",
+    "lib/reprotune/axolotl.py",
     "data/make_sample.py",
     "data/README.md",
     "data/raw/README.md",

@@ -69,6 +69,34 @@ def test_golden(name, case):
     assert fx.encode_case(fx.load_tokenizer(name), case) == golden[case]
 
 
+# ----------------------------------------------------------------------------- train_on_eos (Axolotl's key)
+
+
+@pytest.mark.parametrize(
+    "train_on_eos, expected",
+    [
+        ("turn", ["Paris.{eot}", "Rome, of course.{eot}"]),
+        ("last", ["Paris.", "Rome, of course.{eot}"]),
+        ("none", ["Paris.", "Rome, of course."]),
+    ],
+)
+def test_train_on_eos_chooses_which_end_of_turn_tokens_are_trained(tok, train_on_eos, expected):
+    [seq] = encode(tok, [fx.CONVERSATION], train_on_eos=train_on_eos).sequences
+    eot = END_OF_TURN[tok.fixture_name]
+    assert [tok.decode(r).strip() for r in runs(seq)] == [e.format(eot=eot) for e in expected]
+
+
+def test_train_on_eos_all_also_trains_the_end_of_untrained_turns(tok):
+    [seq] = encode(tok, [fx.CONVERSATION], train_on_eos="all").sequences
+    eot = END_OF_TURN[tok.fixture_name]
+    ids = tok.convert_tokens_to_ids(eot)
+    trained_eots = [t for t, label in zip(seq.input_ids, seq.labels()) if label == t == ids]
+    # ChatML closes all 5 turns; the [INST] template writes an EOS only after each of the 2 answers
+    assert len(trained_eots) == seq.input_ids.count(ids) == (5 if tok.fixture_name == "builtin" else 2)
+    [turn] = encode(tok, [fx.CONVERSATION], train_on_eos="turn").sequences
+    assert seq.input_ids == turn.input_ids
+
+
 # ----------------------------------------------------------------------------- a real tokenizer: SmolLM2
 
 
@@ -119,10 +147,20 @@ def test_alpaca_trains_response_and_eos_only(tok, record):
     assert seq.input_ids[: len(expected_prompt)] == expected_prompt
 
 
-def test_alpaca_prompt_layout():
-    assert alpaca_prompt(None, "Add 1 and 2.", "") == "### Instruction:\nAdd 1 and 2.\n\n### Response:\n"
+def test_alpaca_prompt_is_axolotls_character_for_character():
+    """The texts of Axolotl 0.19's AlpacaPrompter (instruct style) and alpaca_w_system's SystemDataPrompter,
+    written out here so that a change to either side shows."""
+    assert alpaca_prompt(None, "Add 1 and 2.", "") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nAdd 1 and 2.\n\n### Response:\n"
+    )
+    assert alpaca_prompt(None, "Sort.", "3 1") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSort.\n\n### Input:\n3 1\n\n### Response:\n"
+    )
     assert alpaca_prompt("Be brief.", "Sort.", "3 1") == (
-        "Be brief.\n\n### Instruction:\nSort.\n\n### Input:\n3 1\n\n### Response:\n"
+        "### System:\nBe brief.\n\n### Instruction:\nSort.\n\n### Input:\n3 1\n\n### Response:\n"
     )
 
 
@@ -235,23 +273,23 @@ def test_completion_is_chunked_at_sequence_len(tok):
 
 
 def test_truncate_keeps_the_start_and_counts(tok):
-    enc = encode(tok, [fx.alpaca("Repeat.", fx.LONG_TEXT)], sequence_len=32, excess_length="truncate")
+    enc = encode(tok, [fx.alpaca("Repeat.", fx.LONG_TEXT)], sequence_len=70, excess_length="truncate")
     [seq] = enc.sequences
-    assert len(seq.input_ids) == 32 and enc.counts["truncated"] == 1
+    assert len(seq.input_ids) == 70 and enc.counts["truncated"] == 1
     assert fx.LONG_TEXT.startswith(tok.decode(runs(seq)[0]))
     assert tok.eos_token_id not in seq.input_ids
 
 
 def test_truncation_that_removes_the_response_drops(tok):
-    enc = encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok")], sequence_len=32, excess_length="truncate")
+    enc = encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok")], sequence_len=70, excess_length="truncate")
     assert enc.sequences == [] and enc.counts == {"truncated": 1, "dropped_no_trainable": 1}
 
 
 def test_drop_counts_and_keeps_the_rest(tok):
-    enc = encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok"), fx.ALPACA], sequence_len=32)
+    enc = encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok"), fx.ALPACA], sequence_len=70)
     assert enc.counts["dropped_too_long"] == 1 and enc.record == [1]
 
 
 def test_error_names_the_record(tok):
-    with pytest.raises(TokenizeError, match=r"fixtures.jsonl:7: \d+ tokens, over tokenize.sequence_len 32"):
-        encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok", line=7)], sequence_len=32, excess_length="error")
+    with pytest.raises(TokenizeError, match=r"fixtures.jsonl:7: \d+ tokens, over tokenize.sequence_len 70"):
+        encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok", line=7)], sequence_len=70, excess_length="error")

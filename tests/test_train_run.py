@@ -188,3 +188,18 @@ def test_loss_watchdog_needs_consecutive_logs_and_survives_a_resume():
     restored = LossWatchdog.from_state(dog.state())  # as restored from a checkpoint
     with pytest.raises(TrainingStopped, match=r"3 consecutive logs \(13, 14, 15\) up to step 5"):
         restored.on_log(None, state, None, logs={"loss": 15.0})
+
+
+def test_per_epoch_intervals_become_steps_from_the_packed_split():
+    """Axolotl's evals_per_epoch / saves_per_epoch: 201 rows, micro batch 2, accumulation 2 -> 101
+    micro-batches -> 50 optimizer steps per epoch (as the Trainer counts them)."""
+    from reprotune.train.run import per_epoch_intervals
+
+    cfg = dataclasses.replace(
+        SHIPPED.train, micro_batch_size=2, gradient_accumulation_steps=2, eval_steps=None, evals_per_epoch=4,
+        save_steps=None, saves_per_epoch=1,
+    )  # fmt: skip
+    resolved = per_epoch_intervals(cfg, train_rows=201, world_size=1)
+    assert (resolved.eval_steps, resolved.save_steps) == (12, 50)
+    assert per_epoch_intervals(cfg, train_rows=201, world_size=2).eval_steps == 6
+    assert per_epoch_intervals(SHIPPED.train, train_rows=201, world_size=1) == SHIPPED.train  # steps given: kept

@@ -90,6 +90,18 @@ def test_chat_rules_and_role_aliases(tmp_path):
     assert metrics["kept"] == 2
 
 
+def test_chat_template_is_chat_and_drop_system_message_drops_it(tmp_path):
+    (tmp_path / "c.jsonl").write_text("\n".join(GOOD_CHAT) + "\n")
+    _, as_chat, _ = run(tmp_path, data_config({"path": "c.jsonl", "type": "chat", **SHAREGPT}))
+    _, as_template, _ = run(tmp_path, data_config({"path": "c.jsonl", "type": "chat_template", **SHAREGPT}))
+    assert as_template == as_chat and {r["type"] for r in as_template} == {"chat"}
+    _, dropped, _ = run(
+        tmp_path, data_config({"path": "c.jsonl", "type": "chat_template", "drop_system_message": True, **SHAREGPT})
+    )
+    assert [m["role"] for m in dropped[0]["messages"]] == ["user", "assistant"]
+    assert dropped[1]["messages"] == as_chat[1]["messages"]  # no system message: unchanged
+
+
 def test_custom_role_aliases(tmp_path):
     (tmp_path / "c.jsonl").write_text(
         '{"messages": [{"role": "customer", "content": "x"}, {"role": "agent", "content": "y"}]}\n'

@@ -23,7 +23,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from reprotune.config.sections import Params, build_params
+from reprotune.config.sections import Params, build_params, canonical_type
 from reprotune.errors import BadInput
 
 BUILTIN_PREFIX = "builtin:"
@@ -34,10 +34,10 @@ BUILTIN_MODELS = tuple(BUILTIN_MAX_POSITIONS)
 LOCAL_MODELS_DIR = "models/local"  # the base stage's declared dependency in dvc.yaml
 DATA_DIRS = ("data/raw", "data/sample")  # the validate stage's declared dependencies in dvc.yaml
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TYPE_FIELDS = {
     "alpaca": ("field_instruction", "field_input", "field_output", "field_system"),
-    "chat": ("field_messages", "message_property_mappings", "roles"),
+    "chat": ("field_messages", "message_property_mappings", "roles", "drop_system_message"),
     "completion": ("field_text",),
 }
 
@@ -229,6 +229,11 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
         )
     if train["warmup_ratio"] is not None and train["warmup_steps"] is not None:
         yield Problem("train.warmup_steps", "set warmup_steps or warmup_ratio, not both")
+    for steps, per_epoch in (("eval_steps", "evals_per_epoch"), ("save_steps", "saves_per_epoch")):
+        if (train[steps] is None) == (train[per_epoch] is None):
+            yield Problem(
+                f"train.{per_epoch}", f"set exactly one of train.{steps} and train.{per_epoch}, the other null"
+            )
     if train["bf16"] is True and train["fp16"]:
         yield Problem("train.fp16", "bf16: true and fp16: true are exclusive; choose one")
     if lora["target_linear"] and lora["target_modules"] is not None:
@@ -265,7 +270,7 @@ def _base_problems(base: dict, root: Path) -> Iterator[Problem]:
             )
         if revision is not None:
             yield Problem("base.revision", "applies to hub ids only; remove it for a local folder")
-    elif _HUB_ID.match(model):
+    elif HUB_ID.match(model):
         if revision is None:
             yield Problem(
                 "base.revision",
@@ -282,7 +287,7 @@ def _base_problems(base: dict, root: Path) -> Iterator[Problem]:
 
 def _dataset_problems(raw: dict, ds: dict, path: str, root: Path) -> Iterator[Problem]:
     for field, types in ((f, t) for t, fs in _TYPE_FIELDS.items() for f in fs):
-        if field in raw and ds.get("type", types) != types:
+        if field in raw and canonical_type(ds.get("type", types)) != types:
             yield Problem(f"{path}.{field}", f"applies to type {types} only; this dataset is {ds['type']}")
     if "path" not in ds:
         return  # already reported by the schema
@@ -302,7 +307,7 @@ def _dataset_problems(raw: dict, ds: dict, path: str, root: Path) -> Iterator[Pr
             )
     elif (root / source).exists():
         yield Problem(f"{path}.path", f"got {_show(source)}; a folder, expected a file")
-    elif suffix in DATA_SUFFIXES or not _HUB_ID.match(source):
+    elif suffix in DATA_SUFFIXES or not HUB_ID.match(source):
         yield Problem(f"{path}.path", f"got {_show(source)}; file does not exist")
 
 

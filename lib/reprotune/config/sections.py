@@ -77,8 +77,9 @@ class MessageMapping:
 class DatasetConfig:
     path: str = key(minLength=1)
     """A local .jsonl/.json/.parquet/.csv file, or a hub dataset id (org/name)."""
-    type: str = key(choices=("alpaca", "chat", "completion"))
-    """alpaca: instruction/input/output; chat: a list of messages; completion: raw text."""
+    type: str = key(choices=("alpaca", "chat_template", "chat", "completion"))
+    """alpaca: instruction/input/output; chat_template (Axolotl's name; `chat` is the same): a list of
+    messages rendered by the chat template; completion: raw text."""
     split: str = key("train", minLength=1)
     """Hub datasets only: the split to read."""
     field_instruction: str = key("instruction", minLength=1)
@@ -95,8 +96,20 @@ class DatasetConfig:
     """chat: which message keys hold role and content (ShareGPT: from / value)."""
     roles: dict[str, tuple[str, ...]] = key({}, keys=("system", "user", "assistant", "tool"))
     """chat: extra role names mapped to system/user/assistant/tool (human and gpt are known already)."""
+    drop_system_message: bool = key(False)
+    """chat: leave out a conversation's system message (Axolotl's key), e.g. when the data's system text
+    must not be trained into the model."""
     field_text: str = key("text", minLength=1)
     """completion: the text field."""
+
+    @property
+    def kind(self) -> str:
+        """The type with aliases resolved: chat_template is chat."""
+        return canonical_type(self.type)
+
+
+def canonical_type(dataset_type: str) -> str:
+    return "chat" if dataset_type == "chat_template" else dataset_type
 
 
 @dataclass(frozen=True)
@@ -126,9 +139,14 @@ class TokenizeConfig:
         ("assistant",), minItems=1, uniqueItems=True, items={"choices": ("system", "user", "assistant", "tool")}
     )
     """Chat roles whose turns (and end-of-turn tokens) carry labels."""
+    train_on_eos: str = key("turn", choices=("turn", "last", "all", "none"))
+    """Which end-of-turn tokens (the special token a chat template closes a turn with: <|im_end|>, </s>)
+    carry labels, as Axolotl's train_on_eos: turn: each trained turn's; last: only the last trained
+    turn's; all: every turn's, trained or not; none: none (the model never learns to stop). Chat records
+    only: alpaca and completion sequences always train their EOS."""
     alpaca_format: str = key("alpaca", choices=("alpaca", "chat_template"))
-    """How alpaca records are rendered: the ### Instruction/### Input/### Response prompt, or the tokenizer's
-    chat template."""
+    """How alpaca records are rendered: Axolotl's alpaca prompt (its preamble, then ### Instruction/### Input/
+    ### Response), or the tokenizer's chat template."""
     excess_length: str = key("drop", choices=("drop", "truncate", "error"))
     """A sequence longer than sequence_len: drop it (counted), cut it, or stop with an error."""
     val_set_size: float = key(0.05, minimum=0)
@@ -215,10 +233,15 @@ class TrainConfig:
     """auto: flash_attention_2 when installed on CUDA, else sdpa."""
     gradient_checkpointing: bool = key(True)
     """Recompute activations in backward: much less activation memory, one more forward pass of time."""
-    eval_steps: int = key(50, minimum=1)
-    """Evaluate on the validation split every N optimizer steps."""
-    save_steps: int = key(50, minimum=1)
-    """Write a resumable checkpoint every N optimizer steps."""
+    eval_steps: int | None = key(50, minimum=1)
+    """Evaluate on the validation split every N optimizer steps. Exclusive with evals_per_epoch."""
+    evals_per_epoch: int | None = key(None, minimum=1)
+    """Evaluations per epoch (Axolotl's key): eval_steps derived from the packed train split's steps per
+    epoch when training starts. Exclusive with eval_steps."""
+    save_steps: int | None = key(50, minimum=1)
+    """Write a resumable checkpoint every N optimizer steps. Exclusive with saves_per_epoch."""
+    saves_per_epoch: int | None = key(None, minimum=1)
+    """Checkpoints per epoch (Axolotl's key), derived like evals_per_epoch. Exclusive with save_steps."""
     logging_steps: int = key(10, minimum=1)
     """Log loss and learning rate every N optimizer steps."""
     loss_watchdog_threshold: float | None = key(5.0, exclusiveMinimum=0)

@@ -44,9 +44,9 @@ def normalise(record: Any, ds: DatasetConfig) -> dict:
     """The canonical fields of a valid record (without id/source/line); raises RecordError."""
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(record).__name__}")
-    fields = {"alpaca": _alpaca, "chat": _chat, "completion": _completion}[ds.type](record, ds)
+    fields = {"alpaca": _alpaca, "chat": _chat, "completion": _completion}[ds.kind](record, ds)
     return {
-        "type": ds.type,
+        "type": ds.kind,
         "system": None,
         "instruction": None,
         "input": None,
@@ -85,6 +85,8 @@ def _chat(record: dict, ds: DatasetConfig) -> dict:
     aliases = {**KNOWN_ROLE_ALIASES, **{a.lower(): role for role, names in ds.roles.items() for a in names}}
     keys = ds.message_property_mappings
     out = [_message(m, i, keys.role, keys.content, aliases) for i, m in enumerate(messages, start=1)]
+    if ds.drop_system_message and out[0]["role"] == "system":
+        out = out[1:]
     for i, m in enumerate(out[1:], start=2):
         if m["role"] == "system":
             raise RecordError("misplaced_system", f"message {i}: a system message may only come first")

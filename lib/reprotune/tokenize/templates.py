@@ -5,8 +5,11 @@ Features
   carry loss; a batch of texts goes through the fast tokenizer in one call (no special tokens, with
   offsets) and every span becomes the range of tokens overlapping it. Labels are kept as token
   ranges until the batch is flattened, so masking costs a few integer ops per record.
-- alpaca, alpaca_format "alpaca": `[system\\n\\n]### Instruction:\\n...\\n\\n[### Input:\\n...\\n\\n]
-  ### Response:\\n` + output, then EOS (trained, exactly once).
+- alpaca, alpaca_format "alpaca": Axolotl's alpaca prompt, character for character: its preamble ("Below
+  is an instruction that describes a task...", one wording with an input, one without), then
+  `### Instruction:\\n...\\n\\n[### Input:\\n...\\n\\n]### Response:\\n` + output, then EOS (trained,
+  exactly once). A record with a system text gets Axolotl's system variant (`alpaca_w_system`):
+  `### System:\\n...\\n\\n` in place of the preamble.
 - alpaca, alpaca_format "chat_template": [system?, user: instruction[\\n\\ninput], assistant: output]
   through the chat strategy.
 - chat: any Hugging Face chat template, with no per-template code. The conversation is rendered once;
@@ -106,9 +109,23 @@ class Encoded:
     """dropped_too_long, truncated, dropped_no_trainable."""
 
 
+# Axolotl's AlpacaPrompter (src/axolotl/prompters.py): the preamble depends on whether there is an input.
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+ALPACA_PREAMBLE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
 def alpaca_prompt(system: str | None, instruction: str, input_: str | None) -> str:
-    """The Alpaca prompt, ending with the response header."""
-    parts = [f"{system}\n\n"] if system else []
+    """Axolotl's alpaca prompt, ending with the response header; with a system text, its alpaca_w_system
+    variant (the record's system text replaces the preamble)."""
+    if system:
+        parts = [f"### System:\n{system}\n\n"]
+    else:
+        parts = [f"{ALPACA_PREAMBLE if input_ else ALPACA_PREAMBLE_NO_INPUT}\n\n"]
     parts.append(f"### Instruction:\n{instruction}\n\n")
     if input_:
         parts.append(f"### Input:\n{input_}\n\n")
@@ -148,7 +165,8 @@ class PromptEncoder:
         self.eos = tokenizer.eos_token_id
         self.roles = frozenset(cfg.roles_to_train)
         added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
-        self.specials = tuple(sorted({*tokenizer.all_special_tokens, *added}))
+        # longest first: a token that ends with a shorter one ("<|im_end|>" vs ">") is found whole
+        self.specials = tuple(sorted({*tokenizer.all_special_tokens, *added}, key=lambda s: (-len(s), s)))
 
     # ------------------------------------------------------------------ batch
 
@@ -219,15 +237,20 @@ class PromptEncoder:
         full = self._apply(messages, record)
         if self.cfg.train_on_inputs:
             return Rendered(full, [(0, len(full))], add_eos=False, chunk=False)
-        last = max((i for i, m in enumerate(messages) if m["role"] in self.roles), default=-1)
+        eos = self.cfg.train_on_eos
+        trained = [i for i, m in enumerate(messages) if m["role"] in self.roles]
+        last = len(messages) - 1 if eos == "all" else max(trained, default=-1)
         spans, start = [], 0
-        for i in range(last + 1):  # turns after the last trained one need no span
+        for i in range(last + 1):  # turns after the last one with labels need no span
             end = len(full) if i == len(messages) - 1 else self._prefix_len(messages[: i + 1], full, record)
-            if messages[i]["role"] in self.roles:
+            eot = self._end_of_turn(full, start, end)  # (a, b) of the closing special token, or None
+            if i in trained:
                 content = start + self._header_len(messages[:i], messages[i]["role"], full, start, record)
-                spans.append((content, self._turn_end(full, content, end)))
+                spans.append((content, eot[0] if eot else end))
+            if eot and (eos == "all" or (i in trained and (eos == "turn" or i == trained[-1] and eos == "last"))):
+                spans.append(eot)
             start = end
-        return Rendered(full, spans, add_eos=False, chunk=False)
+        return Rendered(full, _merge(spans), add_eos=False, chunk=False)
 
     def _apply(self, messages: list[dict], record: dict) -> str:
         if not self.tokenizer.chat_template:
@@ -264,10 +287,12 @@ class PromptEncoder:
             )
         return at - start
 
-    def _turn_end(self, full: str, start: int, end: int) -> int:
-        """`end`, less whitespace the template writes after an end-of-turn special token."""
+    def _end_of_turn(self, full: str, start: int, end: int) -> tuple[int, int] | None:
+        """Characters of the special token that closes the turn full[start:end] (whitespace the template
+        writes after it stays untrained: generation stops at the token), or None if none does."""
         kept = full[start:end].rstrip()
-        return start + len(kept) if kept.endswith(self.specials) else end
+        closing = next((s for s in self.specials if kept.endswith(s)), None)
+        return (start + len(kept) - len(closing), start + len(kept)) if closing else None
 
 
 def _token_range(enc, start: int, end: int, n_chars: int) -> tuple[int, int] | None:

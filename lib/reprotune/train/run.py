@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,8 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
     train_rows = PackedRows(inputs.packed, "train")
     val_rows = PackedRows(inputs.packed, "val") if split_files(inputs.packed, "val") else None
     caps = capabilities(params)
-    args = training_arguments(
-        params.train, caps, inputs.checkpoints, has_val=val_rows is not None, packed=manifest["packed"]
-    )
+    cfg = per_epoch_intervals(params.train, len(train_rows), int(os.environ.get("WORLD_SIZE", "1")))
+    args = training_arguments(cfg, caps, inputs.checkpoints, has_val=val_rows is not None, packed=manifest["packed"])
 
     read = params_read(params)
     run = {
@@ -84,6 +84,8 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
         "device": caps.device,
         "compute_dtype": caps.compute_dtype,
         "attn_implementation": attention.effective(caps.attn_implementation, manifest["packed"]),
+        "eval_steps": cfg.eval_steps,
+        "save_steps": cfg.save_steps,
     }
     fp = fingerprint(read, inputs.packed, inputs.base, run)
     with args.main_process_first(local=False, desc="checkpoint selection"):
@@ -92,7 +94,7 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
         log.info("resuming from %s", resume)
 
     model = load_trainable(inputs.base, params.quant, params.lora, params.train, caps, run["attn_implementation"])
-    trainer = _trainer(model, args, train_rows, val_rows, manifest["packed"], params.train, fp, inputs.dvclive)
+    trainer = _trainer(model, args, train_rows, val_rows, manifest["packed"], cfg, fp, inputs.dvclive)
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if not trainer.is_world_process_zero():
         return None
@@ -112,6 +114,18 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
     # step and train nothing
     shutil.rmtree(inputs.checkpoints, ignore_errors=True)
     return metrics
+
+
+def per_epoch_intervals(cfg: TrainConfig, train_rows: int, world_size: int) -> TrainConfig:
+    """`cfg` with eval_steps and save_steps in steps: Axolotl's evals_per_epoch / saves_per_epoch are
+    turned into steps from the packed train split, as the Trainer counts an epoch's optimizer steps."""
+    micro_batches = math.ceil(train_rows / (cfg.micro_batch_size * world_size))
+    steps_per_epoch = max(1, micro_batches // cfg.gradient_accumulation_steps)
+    every = {}
+    for steps, per_epoch in (("eval_steps", "evals_per_epoch"), ("save_steps", "saves_per_epoch")):
+        if getattr(cfg, per_epoch) is not None:
+            every[steps] = max(1, steps_per_epoch // getattr(cfg, per_epoch))
+    return dataclasses.replace(cfg, **every)
 
 
 def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool):
