@@ -29,7 +29,9 @@ def short_copy(dest: Path) -> Path:
     runs for real; `make run` and the README give the full-length figures."""
     repo = copy_repo(dest)
     shorten_training(repo)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "short"], cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "short"], cwd=repo, check=True
+    )
     return repo
 
 
