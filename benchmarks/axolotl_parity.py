@@ -79,6 +79,50 @@ def axolotl_side(axolotl: Path, model_dir: Path, dataset: str, work: Path) -> li
     return [(list(r["input_ids"]), list(r["labels"])) for r in rows]
 
 
+def render(tokenizer, messages: list[dict], template: str, generation: bool) -> str:
+    """The rendered text, or the template's refusal (both templates must refuse the same conversations)."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation
+        )
+    except jinja2.TemplateError:
+        return "<refused>"
+
+
+def template_parity(axolotl_python: Path, tokenizer) -> int:
+    """Render the shipped conversations (and each with a system message, where the template has a system
+    role) with reprotune's named templates and with Axolotl's files of the same names; return the number
+    of renders that differ."""
+    import json as json_
+
+    from reprotune.data.rules import KNOWN_ROLE_ALIASES
+    from reprotune.model.chat_templates import NAMED_TEMPLATES
+
+    where = "import os, axolotl.utils.chat_templates as m; print(os.path.dirname(m.__file__))"
+    folder = Path(subprocess.run([str(axolotl_python), "-c", where], capture_output=True, text=True).stdout.strip())
+    lines = (REPO / "data/sample/chat.jsonl").read_text().splitlines()[:200]
+    conversations = [
+        [{"role": KNOWN_ROLE_ALIASES[m["from"]], "content": m["value"]} for m in json_.loads(line)["conversations"]]
+        for line in lines
+    ]
+    differ = 0
+    print(f"\n{'template':<12} {'renders':>8} {'equal':>6}")
+    for name, ours in NAMED_TEMPLATES.items():
+        theirs = (folder / "templates" / f"{name}.jinja").read_text()
+        cases = [(c, False) for c in conversations] + [(c[:-1], True) for c in conversations]
+        if name not in ("gemma",):  # gemma has no system role
+            cases += [([{"role": "system", "content": "Answer briefly."}, *c], False) for c in conversations]
+        equal = 0
+        for messages, generation in cases:
+            rendered = [render(tokenizer, messages, template, generation) for template in (ours, theirs)]
+            equal += rendered[0] == rendered[1]
+        differ += len(cases) - equal
+        print(f"{name:<12} {len(cases):>8} {equal:>6}")
+    return differ
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--axolotl-python", type=Path, required=True, help="python of the venv Axolotl is in")
@@ -123,7 +167,11 @@ def main() -> int:
                     text = json.dumps({"axolotl": "0.19.0", "rows": rows}, separators=(",", ":"))
                     golden_path(name, dataset).write_text(text.replace('},{"input_ids"', '},\n{"input_ids"') + "\n")
     print(f"unexpected differences: {unexpected_total}")
-    return 1 if unexpected_total else 0
+    from fixtures.make_tokenize_fixtures import load_tokenizer
+
+    renders_differ = template_parity(args.axolotl_python, load_tokenizer("builtin"))
+    print(f"named chat templates: {renders_differ} renders differ from Axolotl's")
+    return 1 if unexpected_total or renders_differ else 0
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ def test_unknown_keys_suggest_the_nearest(raw, path, fragment):
         ({"train": {"warmup_ratio": 0.1, "warmup_steps": 10}}, "train.warmup_steps", "not both"),
         ({"train": {"bf16": True, "fp16": True}}, "train.fp16", "exclusive"),
         ({"train": {"evals_per_epoch": 2}}, "train.evals_per_epoch", "exactly one of train.eval_steps"),
+        ({"base": {"chat_template": "jinja"}}, "base.chat_template_jinja", "exactly when base.chat_template is jinja"),
         ({"train": {"save_steps": None}}, "train.saves_per_epoch", "exactly one of train.save_steps"),
         ({"tokenize": {"val_set_size": 1.5}}, "tokenize.val_set_size", "whole number"),
         ({"tokenize": {"sequence_len": 4096}}, "tokenize.sequence_len", "at most 2048"),

@@ -35,11 +35,13 @@ from typing import Any
 import yaml
 
 from reprotune.config.check import HUB_ID, check_params
-from reprotune.config.sections import SECTION_TYPES
+from reprotune.config.sections import CHAT_TEMPLATE_NAMES, SECTION_TYPES
 
 MAPPED, TRANSLATED, IGNORED, UNSUPPORTED = "mapped", "translated", "ignored", "unsupported"
 SPEED_ONLY = "makes a GPU run faster or leaner; the model trained is the same"
 PIPELINE_DOES_IT = "the pipeline does this itself"
+PER_EPOCH = "steps from the packed data size at train time"
+ATTN = "train.attn_implementation"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,12 @@ OPTIMIZERS = {
 }
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
 ATTENTION = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
+CHAT_TEMPLATES = (
+    "tokenizer_default",
+    *CHAT_TEMPLATE_NAMES,
+    *(f"tokenizer_default_fallback_{n}" for n in CHAT_TEMPLATE_NAMES),
+)
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _adapter(value, cfg: dict) -> dict:
@@ -111,7 +119,7 @@ def _scheduler(value, cfg: dict) -> dict:
 def _attention(value, cfg: dict) -> dict:
     if value not in ATTENTION:
         raise Unsupported(f"attn_implementation {value!r}; available: auto, sdpa, eager, flash_attention_2")
-    return {"train.attn_implementation": ATTENTION[value]}
+    return {ATTN: ATTENTION[value]}
 
 
 def _flag(target: str, on_value) -> Callable[[Any, dict], dict]:
@@ -124,6 +132,17 @@ def _per_epoch(target: str, steps: str) -> Callable[[Any, dict], dict]:
 
 def _steps(target: str, per_epoch: str) -> Callable[[Any, dict], dict]:
     return lambda value, cfg: {target: value, per_epoch: None}
+
+
+def _base_model(value, cfg: dict) -> dict:
+    out = {"base.model": value}
+    if HUB_ID.match(value) and not Path(value).exists():  # a hub id must be pinned: main until the user does
+        out["base.revision"] = cfg.get("revision_of_model") or "main"
+    return out
+
+
+def _bnb_config(value, cfg: dict) -> dict:
+    return {f"quant.{k}": v for k, v in value.items() if k.startswith("bnb_4bit_")}
 
 
 def _seed(value, cfg: dict) -> dict:
@@ -153,22 +172,26 @@ def _gradient_checkpointing(value, cfg: dict) -> dict:
 
 
 def _chat_template(value, cfg: dict) -> dict:
-    if value == "tokenizer_default":
-        return {}
-    raise Unsupported(
-        f"chat_template {value!r}: named templates are not available yet; reprotune uses the base "
-        "tokenizer's own template (tokenizer_default)"
-    )
+    if value not in CHAT_TEMPLATES:
+        raise Unsupported(f"chat_template {value!r} is not available; available: {', '.join(CHAT_TEMPLATES)}")
+    return {"base.chat_template": value}
+
+
+def _chat_template_jinja(value, cfg: dict) -> dict:
+    return {"base.chat_template": "jinja", "base.chat_template_jinja": value}
+
+
+def _dataset_chat_template(value, entry: dict) -> dict:
+    if value != "tokenizer_default":
+        raise Unsupported("a per-dataset chat template is not available; nearest: the top-level chat_template")
+    return {}
 
 
 def _special_tokens(value, cfg: dict) -> dict:
-    others = sorted(set(value or {}) - {"pad_token"})
+    others = sorted(set(value) - set(SPECIAL_TOKENS))
     if others:
-        raise Unsupported(
-            f"special_tokens {', '.join(others)}: changing the tokenizer's special tokens is not available yet; "
-            "nearest: a base model whose tokenizer already has them"
-        )
-    return {}
+        raise Unsupported(f"special_tokens {', '.join(others)}: available: {', '.join(SPECIAL_TOKENS)}")
+    return {"base.special_tokens": dict(value)}
 
 
 class Unsupported(Exception):
@@ -179,7 +202,7 @@ class Unsupported(Exception):
 
 KEYS: dict[str, Rule] = {
     # base
-    "base_model": Rule(MAPPED, "base.model", "hub ids get base.revision: main (pin it to a commit)"),
+    "base_model": Rule(MAPPED, "base.model", "hub ids get base.revision: main (pin it to a commit)", _base_model),
     "revision_of_model": same("base.revision"),
     "trust_remote_code": same("base.trust_remote_code"),
     "base_model_config": ignored("the base model's own config.json is used"),
@@ -196,11 +219,21 @@ KEYS: dict[str, Rule] = {
     "dataset_num_proc": same("tokenize.num_proc"),
     "shuffle_merged_datasets": ignored("records keep file order; the split and training order are seeded"),
     "dataset_exact_deduplication": same("data.dedup", "exact duplicates after normalisation (reprotune's default: on)"),
-    "chat_template": Rule(TRANSLATED, "", "tokenizer_default only: the base tokenizer's template", _chat_template),
-    "chat_template_jinja": unsupported("a custom template is not available yet; nearest: tokenizer_default"),
+    "chat_template": Rule(
+        MAPPED,
+        "base.chat_template",
+        "tokenizer_default, chatml, llama3, mistral_v1, gemma, phi_3, qwen_25",
+        _chat_template,
+    ),
+    "chat_template_jinja": Rule(
+        MAPPED, "base.chat_template_jinja", "with base.chat_template: jinja", _chat_template_jinja
+    ),
     "default_system_message": unsupported("not available yet; nearest: a system message in the data"),
     "special_tokens": Rule(
-        TRANSLATED, "", "pad_token only: padded positions carry no loss (other tokens: not yet)", _special_tokens
+        MAPPED,
+        "base.special_tokens",
+        "tokens the vocabulary has (the base stage checks); adding: not yet",
+        _special_tokens,
     ),
     "tokens": unsupported("adding tokens to the vocabulary is not available yet"),
     "added_tokens_overrides": unsupported("changing the vocabulary is not available yet"),
@@ -215,7 +248,9 @@ KEYS: dict[str, Rule] = {
     "adapter": Rule(TRANSLATED, "quant.load_in_4bit", "qlora: 4-bit base; lora: 16/32-bit base", _adapter),
     "load_in_4bit": same("quant.load_in_4bit"),
     "load_in_8bit": unsupported("an 8-bit base is not available; nearest: adapter qlora (4-bit) or lora (16-bit)"),
-    "bnb_config_kwargs": Rule(MAPPED, "quant.bnb_4bit_*", "bnb_4bit_* entries to the same names under quant"),
+    "bnb_config_kwargs": Rule(
+        MAPPED, "quant.bnb_4bit_*", "bnb_4bit_* entries to the same names under quant", _bnb_config
+    ),
     "lora_r": same("lora.r"),
     "lora_alpha": same("lora.alpha"),
     "lora_dropout": same("lora.dropout"),
@@ -246,20 +281,37 @@ KEYS: dict[str, Rule] = {
     "bf16": Rule(TRANSLATED, "train.bf16", "full -> true", _bf16),
     "fp16": same("train.fp16"),
     "tf32": ignored(SPEED_ONLY),
-    "flash_attention": Rule(TRANSLATED, "train.attn_implementation", "true -> flash_attention_2", None),
-    "sdp_attention": Rule(TRANSLATED, "train.attn_implementation", "true -> sdpa", None),
-    "xformers_attention": Rule(TRANSLATED, "train.attn_implementation", "true -> sdpa (same model)", None),
-    "attn_implementation": Rule(MAPPED, "train.attn_implementation", "", _attention),
-    "gradient_checkpointing": Rule(MAPPED, "train.gradient_checkpointing", "unsloth/offload -> true", None),
+    "flash_attention": Rule(
+        TRANSLATED,
+        ATTN,
+        "true -> flash_attention_2",
+        _flag(ATTN, "flash_attention_2"),
+    ),
+    "sdp_attention": Rule(TRANSLATED, ATTN, "true -> sdpa", _flag(ATTN, "sdpa")),
+    "xformers_attention": Rule(TRANSLATED, ATTN, "true -> sdpa (same model)", _flag(ATTN, "sdpa")),
+    "attn_implementation": Rule(MAPPED, ATTN, "", _attention),
+    "gradient_checkpointing": Rule(
+        MAPPED, "train.gradient_checkpointing", "unsloth/offload -> true", _gradient_checkpointing
+    ),
     "gradient_checkpointing_kwargs": ignored(SPEED_ONLY),
     "activation_offloading": ignored(SPEED_ONLY),
     "torch_compile": ignored(SPEED_ONLY),
     "torch_compile_backend": ignored(SPEED_ONLY),
     "plugins": ignored(f"Liger kernels, Cut Cross Entropy and the like: {SPEED_ONLY}"),
-    "eval_steps": Rule(MAPPED, "train.eval_steps", "", None),
-    "save_steps": Rule(MAPPED, "train.save_steps", "", None),
-    "evals_per_epoch": Rule(TRANSLATED, "train.evals_per_epoch", "steps from the packed data size at train time"),
-    "saves_per_epoch": Rule(TRANSLATED, "train.saves_per_epoch", "steps from the packed data size at train time"),
+    "eval_steps": Rule(MAPPED, "train.eval_steps", "", _steps("train.eval_steps", "train.evals_per_epoch")),
+    "save_steps": Rule(MAPPED, "train.save_steps", "", _steps("train.save_steps", "train.saves_per_epoch")),
+    "evals_per_epoch": Rule(
+        TRANSLATED,
+        "train.evals_per_epoch",
+        "steps from the packed data size at train time",
+        _per_epoch("train.evals_per_epoch", "train.eval_steps"),
+    ),
+    "saves_per_epoch": Rule(
+        TRANSLATED,
+        "train.saves_per_epoch",
+        "steps from the packed data size at train time",
+        _per_epoch("train.saves_per_epoch", "train.save_steps"),
+    ),
     "logging_steps": same("train.logging_steps"),
     "loss_watchdog_threshold": same("train.loss_watchdog_threshold"),
     "loss_watchdog_patience": same("train.loss_watchdog_patience"),
@@ -327,7 +379,7 @@ DATASET_KEYS: dict[str, Rule] = {
     "roles_to_train": Rule(MAPPED, "tokenize.roles_to_train", "one value for all datasets"),
     "train_on_eos": Rule(MAPPED, "tokenize.train_on_eos", "one value for all datasets"),
     "ds_type": ignored("the file type is read from the path's suffix"),
-    "chat_template": Rule(TRANSLATED, "", "tokenizer_default only", _chat_template),
+    "chat_template": Rule(TRANSLATED, "", "tokenizer_default only: one template for all", _dataset_chat_template),
     "data_files": unsupported("not available yet; nearest: one datasets entry per file"),
     "name": unsupported("hub dataset configurations are not available yet"),
     "shards": unsupported("sharding is not available yet; nearest: a smaller file"),
@@ -387,25 +439,7 @@ def _apply(key: str, value, rule: Rule, cfg: dict) -> dict:
         return {}
     if rule.convert:
         return rule.convert(value, cfg)
-    special = {
-        "flash_attention": _flag("train.attn_implementation", "flash_attention_2"),
-        "sdp_attention": _flag("train.attn_implementation", "sdpa"),
-        "xformers_attention": _flag("train.attn_implementation", "sdpa"),
-        "gradient_checkpointing": _gradient_checkpointing,
-        "eval_steps": _steps("train.eval_steps", "train.evals_per_epoch"),
-        "save_steps": _steps("train.save_steps", "train.saves_per_epoch"),
-        "evals_per_epoch": _per_epoch("train.evals_per_epoch", "train.eval_steps"),
-        "saves_per_epoch": _per_epoch("train.saves_per_epoch", "train.save_steps"),
-        "bnb_config_kwargs": lambda v, c: {f"quant.{k}": x for k, x in v.items() if k.startswith("bnb_4bit_")},
-    }
-    if key in special:
-        return special[key](value, cfg)
-    if not rule.target:
-        return {}
-    out = {rule.target: value}
-    if key == "base_model" and HUB_ID.match(value) and not Path(value).exists():
-        out["base.revision"] = cfg.get("revision_of_model") or "main"
-    return out
+    return {rule.target: value} if rule.target else {}
 
 
 def _datasets(entries: list, out: dict) -> tuple[list[dict], list[Row]]:
@@ -423,7 +457,7 @@ def _datasets(entries: list, out: dict) -> tuple[list[dict], list[Row]]:
                 if rule.convert:
                     rule.convert(value, entry)
                 elif rule.status in (MAPPED, TRANSLATED):
-                    _dataset_key(key, value, rule, ds, out, i)
+                    _dataset_key(key, value, rule, ds, out)
             except Unsupported as e:
                 row = dataclasses.replace(row, status=UNSUPPORTED, note=str(e))
             if rule.target.startswith("tokenize."):
@@ -433,7 +467,7 @@ def _datasets(entries: list, out: dict) -> tuple[list[dict], list[Row]]:
     return datasets, rows
 
 
-def _dataset_key(key: str, value, rule: Rule, ds: dict, out: dict, i: int) -> None:
+def _dataset_key(key: str, value, rule: Rule, ds: dict, out: dict) -> None:
     if key == "type":
         ds["type"] = DATASET_TYPES.get(value, "chat_template")
         if value not in DATASET_TYPES:
@@ -589,5 +623,17 @@ def import_axolotl(source: Path, out: Path, template: Path, root: Path) -> int:
     return EXIT_BAD_INPUT if counts[UNSUPPORTED] or problems else 0
 
 
-if __name__ == "__main__":
-    print(key_map_markdown())
+def write_key_map(readme: Path) -> None:
+    """Replace the generated key map between its markers in `readme`."""
+    text = readme.read_text()
+    block = re.compile(r"(<!-- axolotl-key-map:start[^>]*-->\n)(.*?)(\n<!-- axolotl-key-map:end -->)", re.S)
+    if not block.search(text):
+        raise SystemExit(f"{readme}: no axolotl-key-map markers")
+    readme.write_text(block.sub(lambda m: m.group(1) + key_map_markdown() + m.group(3), text))
+
+
+if __name__ == "__main__":  # python -m reprotune.axolotl [README.md]: print the key map, or rewrite it there
+    if len(sys.argv) > 1:
+        write_key_map(Path(sys.argv[1]))
+    else:
+        print(key_map_markdown())

@@ -227,6 +227,9 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
             "tokenize.sequence_len",
             f"got {tok['sequence_len']}; the built-in model takes at most {max_positions} positions",
         )
+    base = p["base"]
+    if (base["chat_template"] == "jinja") != (base["chat_template_jinja"] is not None):
+        yield Problem("base.chat_template_jinja", "set it exactly when base.chat_template is jinja")
     if train["warmup_ratio"] is not None and train["warmup_steps"] is not None:
         yield Problem("train.warmup_steps", "set warmup_steps or warmup_ratio, not both")
     for steps, per_epoch in (("eval_steps", "evals_per_epoch"), ("save_steps", "saves_per_epoch")):

@@ -45,6 +45,10 @@ def key(default: Any = MISSING, **constraints: Any) -> Any:
     return field(metadata=metadata)
 
 
+# Named chat templates the base stage can put into the tokenizer (model/chat_templates.py holds their text).
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral_v1", "gemma", "phi_3", "qwen_25")
+
+
 @dataclass(frozen=True)
 class BaseConfig:
     """Which base model to fine-tune."""
@@ -59,6 +63,23 @@ class BaseConfig:
     gguf_dtype: str = key("fp32", choices=("fp32", "bf16", "fp16"))
     """GGUF bases only: dtype of the dequantized weights. fp32 keeps the dequantized values exactly; bf16
     halves the size (for 7B+ models)."""
+    chat_template: str = key(
+        "tokenizer_default",
+        choices=(
+            "tokenizer_default",
+            *CHAT_TEMPLATE_NAMES,
+            *(f"tokenizer_default_fallback_{n}" for n in CHAT_TEMPLATE_NAMES),
+            "jinja",
+        ),
+    )
+    """The chat template written into the base tokenizer, as Axolotl names them: tokenizer_default (its own),
+    a named one, tokenizer_default_fallback_<name> (its own if any, else the named one), or jinja
+    (chat_template_jinja)."""
+    chat_template_jinja: str | None = key(None, minLength=1)
+    """The template text when chat_template is jinja."""
+    special_tokens: dict[str, str] = key({}, keys=("bos_token", "eos_token", "pad_token", "unk_token"))
+    """Special-token roles given to tokens the vocabulary already has (Axolotl's special_tokens); a new
+    eos_token also stops generation. Adding tokens is not available."""
 
     @property
     def is_builtin(self) -> bool:

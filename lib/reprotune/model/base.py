@@ -28,6 +28,7 @@ from reprotune.errors import BadInput
 from reprotune.io import sha256_tree, write_json
 from reprotune.loading import PROVENANCE_FILE, TOKENIZER_FILES
 from reprotune.model.builtin import build_tiny_llama
+from reprotune.model.chat_templates import apply_tokenizer_params
 from reprotune.model.gguf_base import convert_gguf
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-llama": build_tiny_llama}
@@ -73,6 +74,9 @@ def resolve_base(params: Params, inputs: BaseInputs, out_dir: Path) -> dict[str,
     else:
         prov = _from_hub(model, revision, out_dir, trust_remote_code)
     prov["trust_remote_code"] = bool(trust_remote_code)
+    tokenizer = apply_tokenizer_params(out_dir, cfg.chat_template, cfg.chat_template_jinja, cfg.special_tokens)
+    if tokenizer:
+        prov["tokenizer"] = tokenizer
     write_json(out_dir / PROVENANCE_FILE, prov)
     return prov
 

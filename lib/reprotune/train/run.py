@@ -125,7 +125,9 @@ def per_epoch_intervals(cfg: TrainConfig, train_rows: int, world_size: int) -> T
     for steps, per_epoch in (("eval_steps", "evals_per_epoch"), ("save_steps", "saves_per_epoch")):
         if getattr(cfg, per_epoch) is not None:
             every[steps] = max(1, steps_per_epoch // getattr(cfg, per_epoch))
-    return dataclasses.replace(cfg, **every)
+    # a stage may declare the section key by key, and then `cfg` is a read-only view: copy it out
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**fields | every)
 
 
 def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool):

@@ -1,0 +1,133 @@
+"""The base model's tokenizer as params ask for it: a named or custom chat template, special tokens.
+
+Features
+- base.chat_template: `tokenizer_default` (the tokenizer's own, required to exist), a named template
+  (Axolotl's names: chatml, llama3, mistral_v1, gemma, phi_3, qwen_25), `tokenizer_default_fallback_<name>`
+  (the tokenizer's own if it has one, else the named one) or `jinja` (base.chat_template_jinja's text).
+  The named templates are written here for text conversations; benchmarks/axolotl_parity.py renders each
+  against Axolotl's file of the same name.
+- base.special_tokens: bos_token / eos_token / pad_token / unk_token set to tokens the vocabulary already
+  has (Axolotl configs often name the tokenizer's own, or a reserved token as pad). A new eos_token also
+  becomes a stop token in generation_config.json. Adding tokens (a vocabulary resize) is refused.
+- Applied in the base stage, so every later stage, and the exported model, reads the same tokenizer.
+  With the defaults nothing is rewritten and models/base is byte for byte what the source gave.
+
+Trade-offs
+- Tool calls and multimodal message parts are not rendered by the named templates (text only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from reprotune.errors import BadInput
+
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NAMED_TEMPLATES: dict[str, str] = {
+    "chatml": _CHATML,
+    # Llama 3: BOS once, a header per message, contents trimmed, <|eot_id|> closes each turn
+    "llama3": (
+        "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    # Mistral v1: [INST] turns, the system text folded into the first user turn, EOS after each answer
+    "mistral_v1": (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}"
+        "{% for message in turns %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('mistral_v1: after an optional system message, roles must alternate user/assistant') }}"
+        "{% endif %}"
+        "{% if message['role'] == 'user' %}"
+        "{% if loop.first and system is defined %}"
+        "{{ ' [INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    # Gemma: no system role; the assistant is `model`; contents trimmed
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('gemma: the template has no system role (drop_system_message: true)') }}{% endif %}"
+        "{% for message in messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('gemma: roles must alternate user/assistant') }}{% endif %}"
+        "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n'"
+        " + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+    # Phi-3: the assistant header is written after each user turn
+    "phi_3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '<|end|>\\n<|assistant|>\\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
+    ),
+    # Qwen 2.5: ChatML with Qwen's default system message when the conversation has none
+    "qwen_25": (
+        "{% if messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+        "{% endif %}" + _CHATML
+    ),
+}
+
+
+def chosen_template(choice: str, own: str | None, jinja: str | None) -> str | None:
+    """The template text for base.chat_template `choice`, given the tokenizer's own; None: keep it."""
+    if choice == "tokenizer_default":
+        if not own:
+            raise BadInput(
+                "base.chat_template: the base tokenizer has no chat template; choose one of "
+                f"{', '.join(NAMED_TEMPLATES)} or jinja (with base.chat_template_jinja)"
+            )
+        return None
+    if choice == "jinja":
+        return jinja
+    if choice.startswith("tokenizer_default_fallback_"):
+        return None if own else NAMED_TEMPLATES[choice.removeprefix("tokenizer_default_fallback_")]
+    return NAMED_TEMPLATES[choice]
+
+
+def apply_tokenizer_params(out_dir: Path, chat_template: str, jinja: str | None, special_tokens: dict) -> dict:
+    """Rewrite the tokenizer in `out_dir` as base.chat_template / base.special_tokens say; returns what was
+    done (for the provenance record). Nothing is written when both are at their defaults."""
+    from transformers import AutoTokenizer
+
+    if chat_template == "tokenizer_default" and not special_tokens:
+        return {}  # a tokenizer without a template is fine until a chat record needs one (tokenize says so)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    done: dict = {"chat_template": chat_template}
+    template = chosen_template(chat_template, tokenizer.chat_template, jinja)
+    if template is not None:
+        tokenizer.chat_template = template
+    for key, token in sorted(special_tokens.items()):
+        ids = tokenizer.convert_tokens_to_ids([token])
+        if not ids or ids[0] is None or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            raise BadInput(
+                f"base.special_tokens.{key}: {token!r} is not a token of the base tokenizer's vocabulary "
+                "(adding tokens, which resizes the embeddings, is not available yet)"
+            )
+        setattr(tokenizer, key, token)
+    if special_tokens:
+        done["special_tokens"] = dict(sorted(special_tokens.items()))
+    tokenizer.save_pretrained(out_dir)
+    if "eos_token" in special_tokens:
+        _add_stop_token(out_dir, tokenizer.eos_token_id)
+    return done
+
+
+def _add_stop_token(out_dir: Path, token_id: int) -> None:
+    path = out_dir / "generation_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    stops = config.get("eos_token_id")
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    if token_id not in stops:
+        config["eos_token_id"] = [*stops, token_id]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,80 @@
+"""Named chat templates and special tokens, written into the base tokenizer by the base stage
+(model/chat_templates.py). The texts below are what Axolotl 0.19's templates of the same names render
+(benchmarks/axolotl_parity.py compares all of them on the sample conversations: 3,400 renders, all equal)."""
+
+import json
+
+import pytest
+
+from reprotune.config.sections import CHAT_TEMPLATE_NAMES
+from reprotune.errors import BadInput
+from reprotune.model.base import BaseInputs, resolve_base
+from reprotune.model.chat_templates import NAMED_TEMPLATES
+from reprotune.tokenize.templates import PromptEncoder
+
+from fixtures import make_tokenize_fixtures as fx
+from helpers import params_with
+
+TURNS = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+# what each template renders for TURNS with the built-in tokenizer (BOS <s>, EOS </s>)
+RENDERED = {
+    "chatml": "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n",
+    "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>",
+    "mistral_v1": "<s> [INST] Hi? [/INST] Hello.</s>",
+    "gemma": "<s><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n",
+    "phi_3": "<s><|user|>\nHi?<|end|>\n<|assistant|>\nHello.<|end|>\n",
+    "qwen_25": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n",
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return fx.load_tokenizer("builtin")
+
+
+def test_params_accept_exactly_the_named_templates():
+    assert tuple(NAMED_TEMPLATES) == CHAT_TEMPLATE_NAMES == tuple(RENDERED)
+
+
+@pytest.mark.parametrize("name", CHAT_TEMPLATE_NAMES)
+def test_named_template_renders_and_masks(tok, name):
+    assert tok.apply_chat_template(TURNS, chat_template=NAMED_TEMPLATES[name], tokenize=False) == RENDERED[name]
+    tok.chat_template = NAMED_TEMPLATES[name]
+    [seq] = PromptEncoder(tok, fx.BASE_CFG).encode([fx.chat(("user", "Hi?"), ("assistant", "Hello."))]).sequences
+    trained = tok.decode([t for t, label in zip(seq.input_ids, seq.labels()) if label != -100])
+    assert trained.startswith("Hello.") and "Hi?" not in trained
+
+
+def base(tmp_path, **changes) -> tuple[dict, object]:
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "base"
+    prov = resolve_base(params_with(base={"model": "builtin:tiny-llama", **changes}), BaseInputs(), out)
+    return prov, AutoTokenizer.from_pretrained(out)
+
+
+def test_base_stage_writes_the_named_template_and_special_tokens(tmp_path):
+    prov, tokenizer = base(tmp_path, chat_template="llama3", special_tokens={"eos_token": "<|im_end|>"})
+    assert tokenizer.chat_template == NAMED_TEMPLATES["llama3"] and tokenizer.eos_token == "<|im_end|>"
+    assert prov["tokenizer"] == {"chat_template": "llama3", "special_tokens": {"eos_token": "<|im_end|>"}}
+    stops = json.loads((tmp_path / "base/generation_config.json").read_text())["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops  # generation stops at the new EOS too
+
+
+def test_defaults_leave_the_tokenizer_as_the_source_gave_it(tmp_path, tiny_model_dir):
+    prov, tokenizer = base(tmp_path)
+    assert "tokenizer" not in prov
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tmp_path / "base" / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+
+
+def test_fallback_keeps_the_tokenizers_own_template(tmp_path, tiny_model_dir):
+    _, tokenizer = base(tmp_path, chat_template="tokenizer_default_fallback_gemma")
+    assert tokenizer.chat_template == (tiny_model_dir / "chat_template.jinja").read_text()
+
+
+def test_a_token_the_vocabulary_lacks_is_refused_with_its_key(tmp_path):
+    with pytest.raises(BadInput, match=r"base.special_tokens.pad_token: '<\|pad_new\|>' is not a token"):
+        base(tmp_path, special_tokens={"pad_token": "<|pad_new|>"})
