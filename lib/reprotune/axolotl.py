@@ -452,7 +452,10 @@ def _datasets(entries: list, out: dict) -> tuple[list[dict], list[Row]]:
                 rows.append(Row(where, value, IGNORED, "", "empty: unset, as Axolotl reads it"))
                 continue
             rule = DATASET_KEYS.get(key, unsupported("not a dataset key this importer knows"))
-            row = Row(where, value, rule.status, rule.target and f"data.datasets[{i}].{rule.target}", rule.note)
+            in_entry = rule.target and not rule.target.startswith("tokenize.")  # tokenize.*: one for all datasets
+            row = Row(
+                where, value, rule.status, f"data.datasets[{i}].{rule.target}" if in_entry else rule.target, rule.note
+            )
             try:
                 if rule.convert:
                     rule.convert(value, entry)
@@ -460,8 +463,6 @@ def _datasets(entries: list, out: dict) -> tuple[list[dict], list[Row]]:
                     _dataset_key(key, value, rule, ds, out)
             except Unsupported as e:
                 row = dataclasses.replace(row, status=UNSUPPORTED, note=str(e))
-            if rule.target.startswith("tokenize."):
-                row = dataclasses.replace(row, target=rule.target)
             rows.append(row)
         datasets.append(ds)
     return datasets, rows

@@ -237,9 +237,8 @@ class PromptEncoder:
         full = self._apply(messages, record)
         if self.cfg.train_on_inputs:
             return Rendered(full, [(0, len(full))], add_eos=False, chunk=False)
-        eos = self.cfg.train_on_eos
         trained = [i for i, m in enumerate(messages) if m["role"] in self.roles]
-        last = len(messages) - 1 if eos == "all" else max(trained, default=-1)
+        last = len(messages) - 1 if self.cfg.train_on_eos == "all" else max(trained, default=-1)
         spans, start = [], 0
         for i in range(last + 1):  # turns after the last one with labels need no span
             end = len(full) if i == len(messages) - 1 else self._prefix_len(messages[: i + 1], full, record)
@@ -247,10 +246,20 @@ class PromptEncoder:
             if i in trained:
                 content = start + self._header_len(messages[:i], messages[i]["role"], full, start, record)
                 spans.append((content, eot[0] if eot else end))
-            if eot and (eos == "all" or (i in trained and (eos == "turn" or i == trained[-1] and eos == "last"))):
+            if eot and self._trains_end_of_turn(i, trained):
                 spans.append(eot)
             start = end
         return Rendered(full, _merge(spans), add_eos=False, chunk=False)
+
+    def _trains_end_of_turn(self, i: int, trained: list[int]) -> bool:
+        """Whether turn i's closing token carries a label (tokenize.train_on_eos; `trained`: the turns
+        whose role is in roles_to_train, in order)."""
+        eos = self.cfg.train_on_eos
+        if eos == "all":
+            return True
+        if eos == "none" or i not in trained:
+            return False
+        return eos == "turn" or i == trained[-1]  # "last": only the last trained turn's
 
     def _apply(self, messages: list[dict], record: dict) -> str:
         if not self.tokenizer.chat_template:
