@@ -36,6 +36,7 @@ import yaml
 
 from reprotune.config.check import HUB_ID, check_params
 from reprotune.config.sections import CHAT_TEMPLATE_NAMES, SECTION_TYPES
+from reprotune.io import atomic_file
 
 MAPPED, TRANSLATED, IGNORED, UNSUPPORTED = "mapped", "translated", "ignored", "unsupported"
 SPEED_ONLY = "makes a GPU run faster or leaner; the model trained is the same"
@@ -610,9 +611,8 @@ def import_axolotl(source: Path, out: Path, template: Path, root: Path) -> int:
         return EXIT_BAD_INPUT
     params, rows = params_from(cfg)
     text = render(params, template)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    with atomic_file(out) as f:
+        f.write(text)
     print(table(rows))
     counts = {s: sum(r.status == s for r in rows) for s in (MAPPED, TRANSLATED, IGNORED, UNSUPPORTED)}
     print(f"\n{len(rows)} keys: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; wrote {out}")

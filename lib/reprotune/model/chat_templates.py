@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from reprotune.errors import BadInput
+from reprotune.io import write_json
 
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -130,4 +131,4 @@ def _add_stop_token(out_dir: Path, token_id: int) -> None:
     stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
     if token_id not in stops:
         config["eos_token_id"] = [*stops, token_id]
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_json(path, config)

@@ -242,6 +242,9 @@ class PromptEncoder:
         spans, start = [], 0
         for i in range(last + 1):  # turns after the last one with labels need no span
             end = len(full) if i == len(messages) - 1 else self._prefix_len(messages[: i + 1], full, record)
+            if i not in trained and self.cfg.train_on_eos != "all":
+                start = end  # an untrained turn whose end is untrained too: nothing to locate
+                continue
             eot = self._end_of_turn(full, start, end)  # (a, b) of the closing special token, or None
             if i in trained:
                 content = start + self._header_len(messages[:i], messages[i]["role"], full, start, record)
