@@ -59,6 +59,7 @@ def synthetic_records(n: int, seed: int, mean_tokens: float = 200.0, max_tokens:
                 "id": f"{i:032x}",
                 "source": "bench.jsonl",
                 "line": i + 1,
+                "dataset": 0,
                 "type": "alpaca",
                 "system": None,
                 "instruction": instruction,

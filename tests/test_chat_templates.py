@@ -7,7 +7,6 @@ import json
 import pytest
 
 from reprotune.config.sections import CHAT_TEMPLATE_NAMES
-from reprotune.errors import BadInput
 from reprotune.model.base import BaseInputs, resolve_base
 from reprotune.model.chat_templates import NAMED_TEMPLATES
 from reprotune.tokenize.templates import PromptEncoder
@@ -75,6 +74,8 @@ def test_fallback_keeps_the_tokenizers_own_template(tmp_path, tiny_model_dir):
     assert tokenizer.chat_template == (tiny_model_dir / "chat_template.jinja").read_text()
 
 
-def test_a_token_the_vocabulary_lacks_is_refused_with_its_key(tmp_path):
-    with pytest.raises(BadInput, match=r"base.special_tokens.pad_token: '<\|pad_new\|>' is not a token"):
-        base(tmp_path, special_tokens={"pad_token": "<|pad_new|>"})
+def test_a_token_the_vocabulary_lacks_is_added_as_a_special_token(tmp_path):
+    """As Axolotl does (tests/test_added_tokens.py follows the new rows through training and merge)."""
+    prov, tokenizer = base(tmp_path, special_tokens={"pad_token": "<|pad_new|>"})
+    assert tokenizer.pad_token == "<|pad_new|>" and prov["tokenizer"]["added_tokens"] == {"<|pad_new|>": 4096}
+    assert tokenizer.decode([5, 4096], skip_special_tokens=True) == tokenizer.decode([5])  # special: skipped

@@ -136,7 +136,57 @@ def test_unknown_keys_suggest_the_nearest(raw, path, fragment):
             "data.datasets[0].path",
             "does not exist",
         ),
-        ({"data": {"datasets": [{"path": "data/sample", "type": "alpaca"}]}}, "data.datasets[0].path", "a folder"),
+        (
+            {"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "alpaca", "data_files": ["a"]}]}},
+            "data.datasets[0].data_files",
+            "this path is a file",
+        ),
+        (
+            {"data": {"datasets": [{"path": "data/sample", "type": "alpaca", "name": "x"}]}},
+            "data.datasets[0].name",
+            "hub datasets only",
+        ),
+        (
+            {"data": {"datasets": [{"path": "org/ds", "type": "alpaca", "ds_type": "json"}]}},
+            "data.datasets[0].ds_type",
+            "local files only",
+        ),
+        (
+            {"data": {"datasets": [{"path": "org/ds", "type": "alpaca", "shards": 2, "shards_idx": 2}]}},
+            "data.datasets[0].shards_idx",
+            "below shards (2)",
+        ),
+        (
+            {"data": {"datasets": [{"path": "org/ds", "type": "alpaca", "shards_idx": 1}]}},
+            "data.datasets[0].shards_idx",
+            "only with shards",
+        ),
+        (
+            {"data": {"datasets": [{"path": "org/ds", "type": "alpaca", "roles_to_train": ["user"]}]}},
+            "data.datasets[0].roles_to_train",
+            "applies to type chat",
+        ),
+        (
+            {"data": {"test_datasets": [{"path": "org/ds", "type": "alpaca"}]}},
+            "tokenize.val_set_size",
+            "data.test_datasets is the validation set",
+        ),
+        (
+            {
+                "data": {"test_datasets": [{"path": "org/ds", "type": "alpaca", "weight": 2}]},
+                "tokenize": {"val_set_size": 0},
+            },
+            "data.test_datasets[0].weight",
+            "not weighted",
+        ),
+        (
+            {
+                "data": {"test_datasets": [{"path": "data/sample/nope.jsonl", "type": "alpaca"}]},
+                "tokenize": {"val_set_size": 0},
+            },
+            "data.test_datasets[0].path",
+            "does not exist",
+        ),
         (
             {"data": {"datasets": [{"path": "pyproject.toml", "type": "alpaca"}]}},
             "data.datasets[0].path",
@@ -169,10 +219,10 @@ def test_hub_ids_pass_when_pinned():
 
 def test_unknown_data_suffix(tmp_path):
     (tmp_path / "data/raw").mkdir(parents=True)
-    (tmp_path / "data/raw/x.txt").write_text("hi")
+    (tmp_path / "data/raw/x.xml").write_text("hi")
     assert (
         "unknown file type"
-        in problems({"data": {"datasets": [{"path": "data/raw/x.txt", "type": "completion"}]}}, tmp_path)[
+        in problems({"data": {"datasets": [{"path": "data/raw/x.xml", "type": "completion"}]}}, tmp_path)[
             "data.datasets[0].path"
         ]
     )

@@ -2,6 +2,7 @@
 for every key, the exit code says whether all of them can be honoured, every output passes the params
 check, and one of them runs end to end on the built-in model with the shipped data."""
 
+import json
 import os
 import re
 import subprocess
@@ -24,11 +25,11 @@ EXPECTED = {
     "lora_alpaca": (0, set()),
     "builtin_end_to_end": (0, set()),
     "wandb_and_speed": (0, set()),
-    "special_tokens": (2, {"tokens"}),  # pad/eos roles map; adding a token does not
+    "special_tokens": (0, set()),  # pad/eos roles and an added token
     "rl_dpo": (2, {"rl", "load_in_8bit", "datasets[0].type", "dpo_beta"}),
     "vision": (2, {"processor_type", "skip_prepare_dataset", "chat_template", "image_size"}),
     "deepspeed": (2, {"deepspeed", "adapter"}),
-    "mixed_datasets": (2, {"datasets[2].roles_to_train", "my_experimental_flag"}),
+    "mixed_datasets": (2, {"my_experimental_flag"}),
     "completion_8bit": (2, {"load_in_8bit"}),
 }
 
@@ -49,7 +50,12 @@ def test_import_accounts_for_every_key_and_the_output_passes_the_check(name, tmp
     code, printed, out = import_config(name, tmp_path, monkeypatch, capsys)
     cfg = yaml.safe_load((CONFIGS / f"{name}.yml").read_text())
     rows = {line.split()[0]: line for line in printed.splitlines()[1:] if line and not line.startswith(" ")}
-    expected_keys = set(cfg) | {f"datasets[{i}].{k}" for i, d in enumerate(cfg.get("datasets", [])) for k in d}
+    expected_keys = set(cfg) | {
+        f"{group}[{i}].{k}"
+        for group in ("datasets", "test_datasets")
+        for i, d in enumerate(cfg.get(group, []))
+        for k in d
+    }
     assert expected_keys <= set(rows), expected_keys - set(rows)
     unsupported = {key for key, line in rows.items() if f"  {UNSUPPORTED}  " in line}
     assert (code, unsupported) == EXPECTED[name], printed
@@ -75,7 +81,8 @@ def test_values_are_axolotls_and_pairs_are_read_together():
     values, rows = translate(yaml.safe_load((CONFIGS / "qlora_chat_template.yml").read_text()))
     assert values["base.revision"] == "main"  # a hub id without a revision: main, and a line says to pin it
     assert values["train.evals_per_epoch"] == 4 and values["train.eval_steps"] is None
-    assert values["tokenize.train_on_eos"] == "turn" and values["tokenize.roles_to_train"] == ["assistant"]
+    assert values["data.datasets"][0]["train_on_eos"] == "turn"
+    assert values["data.datasets"][0]["roles_to_train"] == ["assistant"]
     status = {row.key: row.status for row in rows}
     assert status["wandb_project"] == IGNORED  # empty: unset, as Axolotl reads it
     assert status["plugins"] == IGNORED and status["dataset_prepared_path"] == IGNORED
@@ -118,5 +125,16 @@ def test_an_imported_config_runs_end_to_end_on_the_builtin_model(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert all(f"Running stage '{stage}'" in run.stdout for stage in stages), run.stdout
+    validated = json.loads((repo / "metrics/validate.json").read_text())
+    tokenized = json.loads((repo / "metrics/tokenize.json").read_text())
+    # test_datasets' shard: 100 conversations, read first; their copies in the training chat file are dropped
+    assert validated["per_source"]["data/sample/chat.jsonl"]["duplicates"] == 100
+    assert tokenized["splits"]["val"]["records"] == 100 and tokenized["splits"]["train"]["records"] == 2900
+    assert tokenized["weights"]["data/sample/alpaca.jsonl"] == {
+        "weight": 0.5, "train_records": 2000, "train_copies": 1000
+    }  # fmt: skip
+    base = json.loads((repo / "models/base/reprotune_base.json").read_text())["tokenizer"]
+    assert base["added_tokens"] == {"<|tool_call|>": 4096} and base["embedding_rows"] == {"before": 4096, "after": 4097}
+    assert json.loads((repo / "models/export/config.json").read_text())["vocab_size"] == 4097
     train = yaml.safe_load((repo / "metrics/train.json").read_text())
     assert train["steps"] == 4 and train["eval_steps"] >= 1  # evals_per_epoch turned into steps

@@ -23,6 +23,7 @@ from reprotune.merge import MergeInputs, merge, merge_and_verify, plan_shards, r
 from helpers import params_with
 
 REPO = Path(__file__).resolve().parents[1]
+TOKEN_IDS = [12, 305, 4095]  # two of them in the `packed` sequences
 
 
 def merge_params(dtype: str, verify_sequences: int, max_shard_size: str):
@@ -43,8 +44,9 @@ def make_adapter(base: Path, out: Path, seed: int = 1, **lora) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            # peft inits one factor to 0 (B; A for an embedding): the merge would be a no-op
-            if "lora_B" in name or "lora_embedding_" in name:
+            # peft inits one factor to 0 (B; A for an embedding), token rows to the base's: the merge
+            # would be a no-op
+            if "lora_B" in name or "lora_embedding_" in name or "trainable_tokens_delta" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.rand(p.shape, generator=gen))
@@ -80,10 +82,12 @@ def adapter(base, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def odd_adapters(base, tmp_path_factory) -> dict[str, Path]:
-    """DoRA + rsLoRA + modules_to_save, and LoRA on the embedding (saved with its base layer) + alpha_pattern."""
+    """DoRA + rsLoRA + modules_to_save, LoRA on the embedding (saved with its base layer) + alpha_pattern, and
+    trained token rows of the embedding and the head (as training sets them for added tokens)."""
     kinds = {
         "dora": {"use_dora": True, "use_rslora": True, "modules_to_save": ["lm_head"]},
         "emb": {"target_modules": ["q_proj", "embed_tokens"], "alpha_pattern": {"q_proj": 4}},
+        "tokens": {"trainable_token_indices": {"model.embed_tokens": TOKEN_IDS, "lm_head": TOKEN_IDS}},
     }
     out = {name: tmp_path_factory.mktemp(name) for name in kinds}
     for name, lora in kinds.items():
@@ -198,7 +202,7 @@ def test_dora_rslora_modules_to_save_and_embedding_lora(base, packed, odd_adapte
     assert m["merged_tensors"] == 5 and m["max_abs_diff"] <= m["tolerance"]
 
 
-@pytest.mark.parametrize("kind", ["plain", "dora", "emb"])
+@pytest.mark.parametrize("kind", ["plain", "dora", "emb", "tokens"])
 def test_streamed_reference_is_peft_model_exactly(base, adapter, odd_adapters, kind):
     """The reference streamed from disk one module at a time gives PeftModel(base, adapter)'s logits bit for
     bit (fp32), and peft's merge applied module by module gives merge_and_unload's."""
@@ -225,18 +229,22 @@ def test_streamed_reference_is_peft_model_exactly(base, adapter, odd_adapters, k
         torch.testing.assert_close(merged, whole.merge_and_unload()(input_ids=ids).logits[0], rtol=0, atol=0)
 
 
-def test_tied_embeddings_merge_and_verify(base, tmp_path):
-    """A base whose lm_head is its embedding (no lm_head.weight stored, as small Qwen2 models) streams the
-    embedding for both."""
+def tied_base(base: Path, tied: Path) -> Path:
+    """The base with lm_head tied to the embedding (no lm_head.weight stored, as small Qwen2 models)."""
     from safetensors.torch import load_file, save_file
 
-    tied = tmp_path / "tied"
     tied.mkdir()
     tensors = load_file(base / "model.safetensors")
     del tensors["lm_head.weight"]
     save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
     (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return tied
+
+
+def test_tied_embeddings_merge_and_verify(base, tmp_path):
+    """A tied base streams the embedding for both uses."""
+    tied = tied_base(base, tmp_path / "tied")
     make_adapter(tied, tmp_path / "adapter")
     (tmp_path / "out").mkdir()
     inputs = MergeInputs(tied, tmp_path / "adapter", tmp_path / "no-val-split")
@@ -244,6 +252,32 @@ def test_tied_embeddings_merge_and_verify(base, tmp_path):
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
     assert metrics["max_abs_diff"] <= metrics["tolerance"]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_trained_token_rows_replace_the_base_rows(base, packed, odd_adapters, tmp_path, tie):
+    """trainable_token_indices: the saved rows go into the embedding and the untied head; a tied head follows
+    the embedding's rows (peft ties them), and the merged checkpoint stores the matrix once."""
+    from safetensors.torch import load_file
+
+    if tie:
+        model_dir = tied_base(base, tmp_path / "tied")
+        make_adapter(model_dir, tmp_path / "adapter", trainable_token_indices={"model.embed_tokens": TOKEN_IDS})
+        adapter = tmp_path / "adapter"
+    else:
+        model_dir, adapter = base, odd_adapters["tokens"]
+    (tmp_path / "out").mkdir()
+    m = merge_and_verify(merge_params("fp32", 2, "2GB"), MergeInputs(model_dir, adapter, packed), tmp_path / "out")
+    assert m["token_row_tensors"] == 2 - tie and m["max_abs_diff"] <= 1e-4 * max(1.0, m["logit_scale"])
+    saved, start = load_file(adapter / "adapter_model.safetensors"), load_file(model_dir / "model.safetensors")
+    merged = load_file(tmp_path / "out/model.safetensors")
+    assert sorted(merged) == sorted(start)
+    for module in ["model.embed_tokens"] + ["lm_head"] * (not tie):
+        rows = saved[f"base_model.model.{module}.token_adapter.trainable_tokens_delta"]
+        weight, before = merged[f"{module}.weight"], start[f"{module}.weight"]
+        other = [i for i in range(weight.shape[0]) if i not in TOKEN_IDS]
+        assert torch.equal(weight[TOKEN_IDS], rows) and not torch.equal(rows, before[TOKEN_IDS])
+        assert torch.equal(weight[other], before[other])
 
 
 def test_wrong_merge_fails_verification(base, adapter, packed, tmp_path, monkeypatch):

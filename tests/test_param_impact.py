@@ -104,8 +104,10 @@ def another_valid_value(value, node: dict):
     if isinstance(value, list):
         if len(value) > 1:
             return value[:-1]
-        item_enum = node.get("items", {}).get("enum", [])
-        return value + [next(v for v in item_enum if v not in value)]
+        items = node.get("items", {})
+        if "$ref" in items:  # a list of datasets
+            return value + [{"path": "data/sample/alpaca.jsonl", "type": "alpaca"}]
+        return value + [next((v for v in items.get("enum", []) if v not in value), "v1")]
     if isinstance(value, dict):  # an empty mapping: give its first allowed key a value
         return {next(iter(node["properties"])): "v1"}
     raise AssertionError(f"no rule to change {value!r}")

@@ -147,3 +147,52 @@ def test_tied_base_trains_every_linear_but_the_head(tied):
     model = build(tied, quant={"load_in_4bit": False}, lora={"modules_to_save": None})
     assert model.base_model.model.config.tie_word_embeddings
     assert not any("lm_head.lora" in name for name, _ in model.named_parameters())
+
+
+IDS = [4094, 4095]  # stand-ins for added tokens: adapter_config only needs their ids
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny)
+
+
+@pytest.mark.parametrize(
+    "saved, rows",
+    [
+        (None, {"model.embed_tokens": IDS, "lm_head": IDS}),
+        (("embed_tokens",), {"lm_head": IDS}),
+        (("lm_head",), {"model.embed_tokens": IDS}),
+        (("embed_tokens", "lm_head"), None),
+    ],
+)
+def test_added_token_rows_are_trained_where_modules_to_save_does_not_train_the_whole_layer(plain, saved, rows):
+    from reprotune.train.model import adapter_config
+
+    config = adapter_config(plain, dataclasses.replace(PARAMS.lora, modules_to_save=saved), IDS)
+    assert config.trainable_token_indices == rows and config.modules_to_save == (list(saved) if saved else None)
+
+
+def test_lora_on_a_layer_with_added_token_rows_is_bad_input(plain):
+    from reprotune.train.model import adapter_config
+
+    lora = dataclasses.replace(PARAMS.lora, target_linear=False, target_modules=("q_proj", "lm_head"),
+                               modules_to_save=None)  # fmt: skip
+    with pytest.raises(BadInput, match=r"lora.target_modules: 'lm_head' gets rows for the tokens added"):
+        adapter_config(plain, lora, IDS)
+
+
+def test_tied_head_follows_the_added_token_rows_of_the_embedding(tied):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from reprotune.train.model import adapter_config
+
+    model = AutoModelForCausalLM.from_pretrained(tied)
+    config = adapter_config(model, dataclasses.replace(PARAMS.lora, modules_to_save=None), IDS)
+    assert config.trainable_token_indices == {"model.embed_tokens": IDS}
+    peft_model = get_peft_model(model, config)
+    embed, head = peft_model.get_input_embeddings(), peft_model.get_output_embeddings()
+    assert head.token_adapter.tied_adapter is embed.token_adapter  # one set of trained rows for both uses

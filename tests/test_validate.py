@@ -211,7 +211,7 @@ def test_hub_dataset_path_uses_load_dataset(tmp_path):
     fake = [{"instruction": "a", "output": "b"}, {"instruction": "", "output": "b"}]
     with mock.patch("datasets.load_dataset", return_value=fake) as load:
         metrics, rows, rejects = run(tmp_path, data_config({"path": "org/alpaca", "type": "alpaca", "split": "train"}))
-    load.assert_called_once_with("org/alpaca", split="train", streaming=True)
+    load.assert_called_once_with("org/alpaca", None, data_files=None, split="train", streaming=True)
     assert (metrics["kept"], metrics["rejected"], rows[0]["source"], rejects[0]["line"]) == (1, 1, "org/alpaca", 2)
 
 

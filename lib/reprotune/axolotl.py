@@ -188,6 +188,10 @@ def _dataset_chat_template(value, entry: dict) -> dict:
     return {}
 
 
+def _data_files(value, entry: dict) -> dict:
+    return {"data_files": [value] if isinstance(value, str) else list(value)}
+
+
 def _special_tokens(value, cfg: dict) -> dict:
     others = sorted(set(value) - set(SPECIAL_TOKENS))
     if others:
@@ -212,7 +216,7 @@ KEYS: dict[str, Rule] = {
     "tokenizer_config": unsupported("a tokenizer from another folder; nearest: put it in the base model folder"),
     # data
     "datasets": Rule(MAPPED, "data.datasets", "each entry's keys are listed as datasets[i].key"),
-    "test_datasets": unsupported("an explicit validation set is not available yet; nearest: val_set_size"),
+    "test_datasets": Rule(MAPPED, "data.test_datasets", "each entry's keys are listed as test_datasets[i].key"),
     "val_set_size": same("tokenize.val_set_size"),
     "dataset_prepared_path": ignored(f"{PIPELINE_DOES_IT}: data/validated and data/packed, cached by DVC"),
     "push_dataset_to_hub": ignored("the prepared data lives in DVC's cache (dvc push to share it)"),
@@ -233,11 +237,13 @@ KEYS: dict[str, Rule] = {
     "special_tokens": Rule(
         MAPPED,
         "base.special_tokens",
-        "tokens the vocabulary has (the base stage checks); adding: not yet",
+        "a token not in the vocabulary is added (embeddings grow; the adapter saves the new rows)",
         _special_tokens,
     ),
-    "tokens": unsupported("adding tokens to the vocabulary is not available yet"),
-    "added_tokens_overrides": unsupported("changing the vocabulary is not available yet"),
+    "tokens": same("base.tokens", "added to the vocabulary (embeddings grow; the adapter saves the new rows)"),
+    "added_tokens_overrides": unsupported(
+        "renaming the base's own added tokens is not available; nearest: base.tokens"
+    ),
     "eot_tokens": ignored("the token that closes each turn in the chat template is found and trained by itself"),
     "sequence_len": same("tokenize.sequence_len"),
     "sample_packing": same("tokenize.sample_packing"),
@@ -377,15 +383,15 @@ DATASET_KEYS: dict[str, Rule] = {
     "field_output": same("field_output"),
     "field_system": same("field_system"),
     "field": Rule(MAPPED, "field_text", "completion: the text field"),
-    "roles_to_train": Rule(MAPPED, "tokenize.roles_to_train", "one value for all datasets"),
-    "train_on_eos": Rule(MAPPED, "tokenize.train_on_eos", "one value for all datasets"),
-    "ds_type": ignored("the file type is read from the path's suffix"),
+    "roles_to_train": same("roles_to_train", "this dataset's; unset: tokenize.roles_to_train (assistant)"),
+    "train_on_eos": same("train_on_eos", "this dataset's; unset: tokenize.train_on_eos (turn)"),
+    "ds_type": same("ds_type", "json, parquet, csv, text, arrow; local files (the hub says its own)"),
     "chat_template": Rule(TRANSLATED, "", "tokenizer_default only: one template for all", _dataset_chat_template),
-    "data_files": unsupported("not available yet; nearest: one datasets entry per file"),
-    "name": unsupported("hub dataset configurations are not available yet"),
-    "shards": unsupported("sharding is not available yet; nearest: a smaller file"),
-    "shards_idx": unsupported("sharding is not available yet; nearest: a smaller file"),
-    "weight": unsupported("per-dataset weights are not available yet"),
+    "data_files": Rule(MAPPED, "data_files", "files under a folder path or in the hub repository", _data_files),
+    "name": same("name", "the hub dataset's configuration"),
+    "shards": same("shards", "contiguous shards, as datasets' Dataset.shard"),
+    "shards_idx": same("shards_idx"),
+    "weight": same("weight", "training copies per record, drawn after the split (not in Axolotl itself)"),
 }
 DATASET_TYPES = {"alpaca": "alpaca", "chat_template": "chat_template", "completion": "completion"}
 DATASET_TYPES["alpaca_w_system.load_instruct"] = "alpaca"
@@ -415,9 +421,9 @@ def translate(cfg: dict) -> tuple[dict, list[Row]]:
         if _empty(value) and key != "adapter":
             rows.append(Row(key, value, IGNORED, "", "empty: unset, as Axolotl reads it"))
             continue
-        if key == "datasets":
-            out["data.datasets"], more = _datasets(value, out)
-            rows.append(Row(key, f"{len(value)} entries", MAPPED, "data.datasets", ""))
+        if key in ("datasets", "test_datasets"):
+            out[f"data.{key}"], more = _datasets(key, value)
+            rows.append(Row(key, f"{len(value)} entries", MAPPED, f"data.{key}", ""))
             rows += more
             continue
         rule = rule_for(key)
@@ -429,6 +435,11 @@ def translate(cfg: dict) -> tuple[dict, list[Row]]:
         except Unsupported as e:
             row = dataclasses.replace(row, status=UNSUPPORTED, note=str(e))
         rows.append(row)
+    if not _empty(cfg.get("test_datasets")) and _empty(cfg.get("val_set_size")):
+        out["tokenize.val_set_size"] = 0  # Axolotl's default 0; reprotune's 0.05 would contradict test_datasets
+        rows.append(
+            Row("val_set_size", None, TRANSLATED, "tokenize.val_set_size", "0: test_datasets is the validation set")
+        )
     if _empty(cfg.get("adapter")):  # Axolotl's default: every weight trained
         note = "unset: Axolotl fine-tunes every weight; reprotune trains LoRA adapters (set adapter: lora or qlora)"
         rows.append(Row("adapter", cfg.get("adapter"), UNSUPPORTED, "", note))
@@ -443,25 +454,24 @@ def _apply(key: str, value, rule: Rule, cfg: dict) -> dict:
     return {rule.target: value} if rule.target else {}
 
 
-def _datasets(entries: list, out: dict) -> tuple[list[dict], list[Row]]:
+def _datasets(group: str, entries: list) -> tuple[list[dict], list[Row]]:
+    """One params entry per Axolotl dataset of `group` (datasets or test_datasets), and a row per key."""
     datasets, rows = [], []
     for i, entry in enumerate(entries):
         ds: dict[str, Any] = {}
         for key, value in entry.items():
-            where = f"datasets[{i}].{key}"
+            where = f"{group}[{i}].{key}"
             if _empty(value):
                 rows.append(Row(where, value, IGNORED, "", "empty: unset, as Axolotl reads it"))
                 continue
             rule = DATASET_KEYS.get(key, unsupported("not a dataset key this importer knows"))
-            in_entry = rule.target and not rule.target.startswith("tokenize.")  # tokenize.*: one for all datasets
-            row = Row(
-                where, value, rule.status, f"data.datasets[{i}].{rule.target}" if in_entry else rule.target, rule.note
-            )
+            target = rule.target and f"data.{group}[{i}].{rule.target}"
+            row = Row(where, value, rule.status, target, rule.note)
             try:
                 if rule.convert:
-                    rule.convert(value, entry)
+                    ds |= rule.convert(value, entry)
                 elif rule.status in (MAPPED, TRANSLATED):
-                    _dataset_key(key, value, rule, ds, out)
+                    _dataset_key(key, value, rule, ds)
             except Unsupported as e:
                 row = dataclasses.replace(row, status=UNSUPPORTED, note=str(e))
             rows.append(row)
@@ -469,7 +479,7 @@ def _datasets(entries: list, out: dict) -> tuple[list[dict], list[Row]]:
     return datasets, rows
 
 
-def _dataset_key(key: str, value, rule: Rule, ds: dict, out: dict) -> None:
+def _dataset_key(key: str, value, rule: Rule, ds: dict) -> None:
     if key == "type":
         ds["type"] = DATASET_TYPES.get(value, "chat_template")
         if value not in DATASET_TYPES:
@@ -477,11 +487,6 @@ def _dataset_key(key: str, value, rule: Rule, ds: dict, out: dict) -> None:
                 f"dataset type {value!r} is not available ({', '.join(DATASET_TYPES)}); written as "
                 "chat_template, the nearest for message lists: check the data's layout"
             )
-    elif rule.target.startswith("tokenize."):  # per dataset in Axolotl, one value here
-        value = list(value) if isinstance(value, list) else value
-        if rule.target in out and out[rule.target] != value:
-            raise Unsupported(f"datasets set different {key} values; per-dataset values are not available yet")
-        out[rule.target] = value
     elif rule.target.startswith("message_property_mappings."):
         ds.setdefault("message_property_mappings", {"role": "role", "content": "content"})
         ds["message_property_mappings"][rule.target.split(".")[1]] = value
@@ -590,9 +595,7 @@ def key_map_markdown() -> str:
     for pattern, rule in PATTERNS:
         lines.append(f"| keys matching `{pattern}` | {rule.status} | {_code(rule.target)} | {rule.note} |")
     for key, rule in DATASET_KEYS.items():
-        target = (
-            rule.target if rule.target.startswith("tokenize.") else rule.target and f"data.datasets[].{rule.target}"
-        )
+        target = rule.target and f"data.datasets[].{rule.target}"
         lines.append(f"| `datasets[].{key}` | {rule.status} | {_code(target)} | {rule.note} |")
     return "\n".join(lines)
 

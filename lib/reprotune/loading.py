@@ -67,3 +67,12 @@ def stop_token_ids(model_dir: Path, tokenizer) -> set[int]:
         eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
         stops |= set(eos if isinstance(eos, list) else [eos]) - {None}
     return stops
+
+
+def added_token_ids(base_dir: Path) -> list[int]:
+    """The ids the base stage added to the vocabulary (sorted), from models/base's provenance; [] when none."""
+    path = Path(base_dir) / PROVENANCE_FILE
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text(encoding="utf-8")).get("tokenizer", {})
+    return sorted(record.get("added_tokens", {}).values())

@@ -28,8 +28,10 @@ Features
   tokenizer files win when it has them: training may have saved an extended tokenizer);
   config.json with `dtype` set to the merge dtype.
 - Adapters supported: LoRA on Linear and Embedding layers, rsLoRA, rank_pattern/alpha_pattern,
-  DoRA on Linear, modules_to_save (whole replacement tensors). Any other adapter tensor or setting
-  is refused before anything is written.
+  DoRA on Linear, modules_to_save (whole replacement tensors), trainable_token_indices (the rows of
+  tokens added to the vocabulary: the saved rows replace the base's rows at those ids, as peft's
+  merge does; a tied head follows, the merged checkpoint storing the matrix once). Any other adapter
+  tensor or setting is refused before anything is written.
 - Verification (`verify`): on merge.verify_sequences validation sequences (their first 256 tokens;
   a fixed token sequence when there is no validation split) the merged checkpoint, read back from
   disk, must give the logits of PeftModel(base, adapter) in the same dtype:
@@ -118,7 +120,6 @@ PLAIN_SETTINGS = {
     "fan_in_fan_out": False,
     "bias": "none",
     "lora_bias": False,
-    "trainable_token_indices": None,
     "target_parameters": None,
     "layer_replication": None,
 }
@@ -194,6 +195,15 @@ class Adapter:
     base_layers: dict[str, torch.Tensor]
     """Base weights saved with the adapter (peft's save_embedding_layers): used instead of the base
     checkpoint's tensor, before the delta is added, as PeftModel.from_pretrained does."""
+    rows: dict[str, tuple[list[int], torch.Tensor]]
+    """trainable_token_indices: base tensor name -> (token ids, their trained rows), which replace the base's."""
+
+    def row_replaced(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` with its trained token rows put in (a copy), or `weight` itself when it has none."""
+        if name not in self.rows:
+            return weight
+        ids, values = self.rows[name]
+        return weight.index_copy(0, torch.tensor(ids), values.to(weight.dtype))
 
 
 LORA_PARTS = {
@@ -204,6 +214,7 @@ LORA_PARTS = {
     ".lora_magnitude_vector": "magnitude",
 }
 BASE_LAYER = ".base_layer.weight"
+TOKEN_ROWS = ".token_adapter.trainable_tokens_delta"  # peft saves the trained rows themselves, not deltas
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:
@@ -212,11 +223,15 @@ def read_adapter(adapter_dir: Path) -> Adapter:
 
     config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     odd = {k: config.get(k) for k, v in PLAIN_SETTINGS.items() if config.get(k, v) not in (v, [], {})}
+    token_indices = config.get("trainable_token_indices") or {}
+    if not isinstance(token_indices, dict):  # a bare list targets a layer only the model knows
+        odd["trainable_token_indices"] = token_indices
     if odd:
         raise ValueError(f"adapter settings the merge does not support: {odd}")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     base_layers: dict[str, torch.Tensor] = {}
+    rows: dict[str, tuple[list[int], torch.Tensor]] = {}
     for key, tensor in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items():
         if not key.startswith(ADAPTER_PREFIX):
             raise ValueError(f"unexpected adapter tensor {key!r} (no {ADAPTER_PREFIX!r} prefix)")
@@ -224,12 +239,27 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         suffix = next((s for s in LORA_PARTS if key.endswith(s)), None)
         if key.endswith(BASE_LAYER):
             base_layers[key[: -len(BASE_LAYER)] + ".weight"] = tensor
+        elif key.endswith(TOKEN_ROWS):
+            module = key[: -len(TOKEN_ROWS)]
+            rows[f"{module}.weight"] = (_token_ids(module, token_indices), tensor)
         elif suffix is None:
             replacements[key] = tensor  # a modules_to_save copy, saved under the base tensor's name
         else:
             parts.setdefault(key[: -len(suffix)], {})[LORA_PARTS[suffix]] = tensor
     deltas = {f"{module}.weight": _delta(module, p, config) for module, p in sorted(parts.items())}
-    return Adapter(deltas, replacements, base_layers)
+    mixed = sorted(set(rows) & (set(deltas) | set(replacements)))
+    if mixed:
+        raise ValueError(f"adapter tensors with both trained token rows and LoRA or a full copy: {mixed}")
+    return Adapter(deltas, replacements, base_layers, rows)
+
+
+def _token_ids(module: str, token_indices: dict[str, list[int]]) -> list[int]:
+    """The token ids of `module`'s saved rows: the trainable_token_indices entry naming it (fully or as a
+    dotted suffix, peft's rule)."""
+    ids = [v for k, v in token_indices.items() if module == k or module.endswith("." + k)]
+    if len(ids) != 1:
+        raise ValueError(f"adapter token rows of {module!r}: {len(ids)} trainable_token_indices entries name it")
+    return ids[0]
 
 
 def _delta(module: str, parts: dict[str, torch.Tensor], config: dict) -> LoraDelta:
@@ -302,7 +332,8 @@ def merge_weights(
     """Write the merged safetensors shards (+ index) into `out_dir`; returns counts. Each base tensor passes
     through `base_weight` before the adapter is folded into it."""
     refs = read_index(base_dir)
-    unknown = sorted((set(adapter.deltas) | set(adapter.replacements) | set(adapter.base_layers)) - set(refs))
+    changed = set(adapter.deltas) | set(adapter.replacements) | set(adapter.base_layers) | set(adapter.rows)
+    unknown = sorted(changed - set(refs))
     if unknown:
         raise ValueError(f"adapter tensors without a base tensor to merge into: {unknown[:5]}")
 
@@ -324,7 +355,7 @@ def merge_weights(
                 raw = base_weight(name, read_tensor(refs[name], handles[refs[name].file]))
             if name in adapter.deltas:
                 return adapter.deltas[name].apply(raw).to(dtype)
-            return raw.to(out_dtype(name))
+            return adapter.row_replaced(name, raw.to(out_dtype(name)))
 
         for file, shard in zip(files, plan):
             specs = [(n, out_dtype(n), refs[n].shape) for n in shard]
@@ -336,7 +367,7 @@ def merge_weights(
             "metadata": {"total_parameters": total_params, "total_size": sum(sizes.values())},
             "weight_map": weight_map})  # fmt: skip
     return {"shards": len(plan), "tensors": len(names), "merged_tensors": len(adapter.deltas),
-            "replaced_tensors": len(adapter.replacements)}  # fmt: skip
+            "replaced_tensors": len(adapter.replacements), "token_row_tensors": len(adapter.rows)}  # fmt: skip
 
 
 def copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:

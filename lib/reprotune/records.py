@@ -1,23 +1,33 @@
-"""data/validated/records.parquet, the validate stage's output and the tokenize stage's input: the one
-module that writes and reads it.
+"""data/validated/records.parquet and datasets.json, the validate stage's output and the tokenize stage's
+input: the one module that writes and reads them.
 
 One Parquet schema for every dataset type; fields of other types are null:
   alpaca     -> system?, instruction, input ("" when absent), output
   chat       -> messages: [{role: system|user|assistant|tool, content}], system only first
   completion -> text
-Every record also has its content hash `id` and where it came from (`source` file, `line`).
-Records are in input order, zstd-compressed, in row groups of ROW_GROUP rows.
+Every record also has its content hash `id` and where it came from (`source` file, `line`, and `dataset`:
+its entry's index in datasets.json). Records are in input order, zstd-compressed, in row groups of
+ROW_GROUP rows.
+
+datasets.json lists one entry per params dataset, data.test_datasets first, then data.datasets, with what
+tokenize needs of it: {path, test (a validation-only set), weight, roles_to_train, train_on_eos} (the last
+two null: tokenize's own). Keeping these out of the records means a changed weight rewrites only this
+small file, and a record's bytes depend on its content alone.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 RECORDS = "records.parquet"
+DATASETS = "datasets.json"
 ROW_GROUP = 10_000
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SCHEMA = pa.schema(
@@ -25,6 +35,7 @@ SCHEMA = pa.schema(
         ("id", pa.string()),
         ("source", pa.string()),
         ("line", pa.int64()),
+        ("dataset", pa.int32()),
         ("type", pa.string()),
         ("system", pa.string()),
         ("instruction", pa.string()),
@@ -35,9 +46,35 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
-ORIGIN = ("id", "source", "line")
+ORIGIN = ("id", "source", "line", "dataset")
 CONTENT = tuple(c for c in COLUMNS if c not in ORIGIN)
 """The columns that make a record what it is (hashed into its id)."""
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """What tokenize needs to know of one params dataset."""
+
+    path: str
+    test: bool
+    """From data.test_datasets: every record is a validation record."""
+    weight: float
+    """Training copies per record (data.datasets[].weight)."""
+    roles_to_train: tuple[str, ...] | None
+    train_on_eos: str | None
+
+
+def write_datasets(path: Path, entries: list[DatasetEntry]) -> None:
+    text = json.dumps([asdict(e) for e in entries], indent=2, sort_keys=True) + "\n"
+    path.write_text(text, encoding="utf-8", newline="\n")
+
+
+def read_datasets(path: Path) -> list[DatasetEntry]:
+    entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [
+        DatasetEntry(**{**e, "roles_to_train": tuple(e["roles_to_train"]) if e["roles_to_train"] else None})
+        for e in entries
+    ]
 
 
 class RecordsWriter:
@@ -67,3 +104,8 @@ def iter_record_batches(path: Path, batch_size: int) -> Iterator[tuple[int, list
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(COLUMNS[1:])):
         yield start, batch.to_pylist()
         start += batch.num_rows
+
+
+def record_datasets(path: Path) -> np.ndarray:
+    """(records,) int32: each record's index in datasets.json."""
+    return pq.read_table(path, columns=["dataset"]).column("dataset").to_numpy()

@@ -33,11 +33,18 @@ BUILTIN_MAX_POSITIONS = {"builtin:tiny-llama": 2048}
 BUILTIN_MODELS = tuple(BUILTIN_MAX_POSITIONS)
 LOCAL_MODELS_DIR = "models/local"  # the base stage's declared dependency in dvc.yaml
 DATA_DIRS = ("data/raw", "data/sample")  # the validate stage's declared dependencies in dvc.yaml
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")  # reprotune.data.readers.FORMATS
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TYPE_FIELDS = {
     "alpaca": ("field_instruction", "field_input", "field_output", "field_system"),
-    "chat": ("field_messages", "message_property_mappings", "roles", "drop_system_message"),
+    "chat": (
+        "field_messages",
+        "message_property_mappings",
+        "roles",
+        "drop_system_message",
+        "roles_to_train",
+        "train_on_eos",
+    ),
     "completion": ("field_text",),
 }
 
@@ -209,13 +216,21 @@ def fill_defaults(value: Any, node: dict) -> Any:
 def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
     """Rules that involve more than one key, or the file system."""
     yield from _base_problems(p["base"], root)
-    raw_datasets = (raw.get("data") or {}).get("datasets") or []  # as written: to spot misplaced keys
-    for i, ds in enumerate(p["data"]["datasets"]):
-        if not isinstance(ds, dict):
-            continue  # already reported by the schema
-        given = raw_datasets[i] if i < len(raw_datasets) else {}
-        yield from _dataset_problems(given, ds, f"data.datasets[{i}]", root)
     tok, train, lora = p["tokenize"], p["train"], p["lora"]
+    for group in ("datasets", "test_datasets"):
+        raw_datasets = (raw.get("data") or {}).get(group) or []  # as written: to spot misplaced keys
+        for i, ds in enumerate(p["data"][group]):
+            if not isinstance(ds, dict):
+                continue  # already reported by the schema
+            given = raw_datasets[i] if i < len(raw_datasets) else {}
+            yield from _dataset_problems(given, ds, f"data.{group}[{i}]", root)
+            if group == "test_datasets" and ds.get("weight", 1) != 1:
+                yield Problem(f"data.test_datasets[{i}].weight", "a validation set is not weighted; remove it")
+    if p["data"]["test_datasets"] and tok["val_set_size"] != 0:
+        yield Problem(
+            "tokenize.val_set_size",
+            f"got {_show(tok['val_set_size'])}; data.test_datasets is the validation set: set val_set_size to 0",
+        )
     if tok["val_set_size"] >= 1 and tok["val_set_size"] != int(tok["val_set_size"]):
         yield Problem(
             "tokenize.val_set_size",
@@ -292,26 +307,42 @@ def _dataset_problems(raw: dict, ds: dict, path: str, root: Path) -> Iterator[Pr
     for field, types in ((f, t) for t, fs in _TYPE_FIELDS.items() for f in fs):
         if field in raw and canonical_type(ds.get("type", types)) != types:
             yield Problem(f"{path}.{field}", f"applies to type {types} only; this dataset is {ds['type']}")
+    if ds.get("shards") is None and ds.get("shards_idx", 0) != 0:
+        yield Problem(f"{path}.shards_idx", "applies only with shards set")
+    elif ds.get("shards") is not None and ds.get("shards_idx", 0) >= ds["shards"]:
+        yield Problem(f"{path}.shards_idx", f"got {ds['shards_idx']}; must be below shards ({ds['shards']})")
     if "path" not in ds:
         return  # already reported by the schema
+    yield from _source_problems(ds, path, root)
+
+
+def _source_problems(ds: dict, path: str, root: Path) -> Iterator[Problem]:
+    """A dataset's path is a data file, a folder of them (data_files), or a hub id (name, data_files)."""
     source = ds["path"]
-    suffix = Path(source).suffix.lower()
-    if (root / source).is_file():
-        if not any(_is_under(root / source, root / d) for d in DATA_DIRS):
+    local = root / source
+    if local.exists() and not any(_is_under(local, root / d) for d in DATA_DIRS):
+        yield Problem(
+            f"{path}.path",
+            f"got {_show(source)}; local data must lie under "
+            f"{' or '.join(d + '/' for d in DATA_DIRS)} (the validate stage's declared "
+            "dependencies, so edits rerun it)",
+        )
+    if local.exists() and ds.get("name") is not None:
+        yield Problem(f"{path}.name", "applies to hub datasets only; this path is local")
+    if local.is_file():
+        if ds.get("data_files") is not None:
+            yield Problem(f"{path}.data_files", "applies to a folder or a hub dataset; this path is a file")
+        if ds.get("ds_type") is None and local.suffix.lower() not in DATA_SUFFIXES:
             yield Problem(
                 f"{path}.path",
-                f"got {_show(source)}; local data files must lie under "
-                f"{' or '.join(d + '/' for d in DATA_DIRS)} (the validate stage's declared "
-                "dependencies, so edits rerun it)",
+                f"got {_show(source)}; unknown file type, allowed: {', '.join(DATA_SUFFIXES)} (or set ds_type)",
             )
-        if suffix not in DATA_SUFFIXES:
-            yield Problem(
-                f"{path}.path", f"got {_show(source)}; unknown file type, allowed: {', '.join(DATA_SUFFIXES)}"
-            )
-    elif (root / source).exists():
-        yield Problem(f"{path}.path", f"got {_show(source)}; a folder, expected a file")
-    elif suffix in DATA_SUFFIXES or not HUB_ID.match(source):
+    elif local.exists():
+        return  # a folder: its files are matched when validate reads them
+    elif local.suffix.lower() in DATA_SUFFIXES or not HUB_ID.match(source):
         yield Problem(f"{path}.path", f"got {_show(source)}; file does not exist")
+    elif ds.get("ds_type") is not None:
+        yield Problem(f"{path}.ds_type", "applies to local files only; the hub dataset says its own format")
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -78,8 +78,12 @@ class BaseConfig:
     chat_template_jinja: str | None = key(None, minLength=1)
     """The template text when chat_template is jinja."""
     special_tokens: dict[str, str] = key({}, keys=("bos_token", "eos_token", "pad_token", "unk_token"))
-    """Special-token roles given to tokens the vocabulary already has (Axolotl's special_tokens); a new
-    eos_token also stops generation. Adding tokens is not available."""
+    """Special-token roles (Axolotl's special_tokens): a token the vocabulary has, or a new one, added as a
+    special token (the embeddings grow, see tokens). A new eos_token also stops generation."""
+    tokens: tuple[str, ...] = key((), uniqueItems=True, items={"minLength": 1})
+    """Tokens added to the vocabulary (Axolotl's tokens), e.g. markup the data uses. The base stage grows the
+    embedding (and an untied output head) by one row per new token, set to the mean of the existing rows;
+    training learns those rows and the adapter saves only them."""
 
     @property
     def is_builtin(self) -> bool:
@@ -122,6 +126,28 @@ class DatasetConfig:
     must not be trained into the model."""
     field_text: str = key("text", minLength=1)
     """completion: the text field."""
+    data_files: tuple[str, ...] | None = key(None, minItems=1, items={"minLength": 1})
+    """Files to read when path is a folder (names or glob patterns under it, each matched in sorted order)
+    or a hub dataset (files in its repository). null: every data file of the folder / the hub's default."""
+    ds_type: str | None = key(None, choices=("json", "parquet", "csv", "text", "arrow"))
+    """File format when the name does not say (Axolotl's ds_type): json (JSON Lines or an array), parquet,
+    csv, text (one record {field_text: line} per line), arrow (Arrow IPC stream, as datasets saves)."""
+    name: str | None = key(None, minLength=1)
+    """Hub datasets only: the configuration (subset) to load."""
+    shards: int | None = key(None, minimum=1)
+    """Read one of this many contiguous shards of the dataset (shards_idx picks it), as Axolotl's shards."""
+    shards_idx: int = key(0, minimum=0)
+    """Which shard (0-based) when shards is set."""
+    weight: float = key(1.0, exclusiveMinimum=0, maximum=100)
+    """Training copies per record: 0.5 keeps half the dataset's training records, 2 repeats each twice,
+    1.5 repeats half of them; which ones is drawn with tokenize.seed after the train/val split, so a copy never
+    lands in validation. Counts per dataset in metrics/tokenize.json."""
+    roles_to_train: tuple[str, ...] | None = key(
+        None, minItems=1, uniqueItems=True, items={"choices": ("system", "user", "assistant", "tool")}
+    )
+    """chat: this dataset's trained roles; null: tokenize.roles_to_train."""
+    train_on_eos: str | None = key(None, choices=("turn", "last", "all", "none"))
+    """chat: this dataset's trained end-of-turn tokens; null: tokenize.train_on_eos."""
 
     @property
     def kind(self) -> str:
@@ -139,6 +165,9 @@ class DataConfig:
 
     datasets: tuple[DatasetConfig, ...] = key(({"path": "data/sample/alpaca.jsonl", "type": "alpaca"},), minItems=1)
     """Data sources, read in order."""
+    test_datasets: tuple[DatasetConfig, ...] = key(())
+    """An explicit validation set (Axolotl's test_datasets), entries as in datasets; exclusive with
+    tokenize.val_set_size (set it to 0). Training records equal to a test record are dropped as duplicates."""
     on_invalid: str = key("reject", choices=("reject", "error"))
     """reject: keep bad records in data/validated/rejects.jsonl with a reason and go on; error: stop at the
     first bad record."""
@@ -356,6 +385,7 @@ def build_params(filled: dict) -> Params:
     for name, cls in SECTION_TYPES.items():
         raw = {k: _tuple(v) for k, v in filled[name].items()}
         if name == "data":
-            raw["datasets"] = tuple(_dataset(d) for d in filled["data"]["datasets"])
+            for group in ("datasets", "test_datasets"):
+                raw[group] = tuple(_dataset(d) for d in filled["data"][group])
         sections[name] = cls(**raw)
     return Params(**sections)

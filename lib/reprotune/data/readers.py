@@ -1,4 +1,6 @@
-"""Readers: one raw record at a time, with where it came from, from JSONL, JSON, Parquet, CSV or the hub.
+"""Readers: one raw record at a time, with where it came from, from JSONL, JSON, Parquet, CSV, text, Arrow
+or the hub; a dataset is one file, a folder's files (data_files), or a hub dataset (name, data_files), and
+optionally one contiguous shard of it (shards, shards_idx).
 
 Every reader streams (memory stays flat for multi-GB files) and never raises on a single bad line:
 an undecodable or unparsable line comes back as a RawRecord with `error` set, so validate can keep
@@ -11,9 +13,11 @@ import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from reprotune.config.sections import DatasetConfig
 from reprotune.errors import BadInput
 
 BOM = b"\xef\xbb\xbf"
@@ -37,16 +41,62 @@ class RawRecord:
     """The line's text for unparsable lines (non-UTF-8 bytes shown as \\x escapes)."""
 
 
-def read_source(source: str, root: Path, split: str = "train") -> Iterator[RawRecord]:
-    """Raw records of one dataset entry: a local file by its suffix, else a hub dataset id."""
-    path = root / source
-    if not path.exists():
-        yield from read_hub(source, split)
+# File format by name suffix; a dataset's ds_type overrides it (Axolotl's names).
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
+
+
+def read_dataset(ds: DatasetConfig, root: Path) -> Iterator[RawRecord]:
+    """Raw records of one params dataset (its file, its folder's files, or a hub dataset), only the shard
+    ds.shards_idx of ds.shards when sharded."""
+    if not ds.shards:
+        yield from _read_whole(ds, root)
         return
+    # Contiguous shards as datasets' Dataset.shard cuts them (Axolotl's shards): the first n % shards
+    # shards get one record more. Counting needs a first pass over the source.
+    n = sum(1 for _ in _read_whole(ds, root))
+    size, extra = divmod(n, ds.shards)
+    start = size * ds.shards_idx + min(ds.shards_idx, extra)
+    stop = start + size + (ds.shards_idx < extra)
+    yield from islice(_read_whole(ds, root), start, stop)
+
+
+def _read_whole(ds: DatasetConfig, root: Path) -> Iterator[RawRecord]:
+    path = root / ds.path
+    if not path.exists():
+        yield from read_hub(ds.path, ds.split, ds.name, ds.data_files)
+        return
+    for file in data_files(path, ds.data_files) if path.is_dir() else [path]:
+        source = file.relative_to(root).as_posix() if file != path else ds.path
+        yield from read_file(file, source, ds.ds_type, ds.field_text)
+
+
+def data_files(folder: Path, patterns: tuple[str, ...] | None) -> list[Path]:
+    """The files of a dataset folder: each pattern's matches in sorted order (a file once), or every file of
+    a known format under the folder, sorted."""
+    if patterns is None:
+        return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in FORMATS)
+    files: dict[Path, None] = {}
+    for pattern in patterns:
+        matches = sorted(f for f in folder.glob(pattern) if f.is_file())
+        if not matches:
+            raise DataError(f"{folder.name}: data_files pattern {pattern!r} matches no file in the folder")
+        files.update(dict.fromkeys(matches))
+    return list(files)
+
+
+def read_file(path: Path, source: str, ds_type: str | None, field_text: str = "text") -> Iterator[RawRecord]:
+    """Records of one local file, in the format ds_type names or its suffix implies."""
+    kind = ds_type or FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{source}: unknown file type; set ds_type (json, parquet, csv, text, arrow)")
     if path.stat().st_size == 0:
         raise DataError(f"{source}: file is empty")
-    reader = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv}
-    yield from reader[path.suffix.lower()](path, source)
+    if kind == "json":
+        yield from (read_jsonl if path.suffix.lower() == ".jsonl" else read_json)(path, source)
+    elif kind == "text":
+        yield from read_text(path, source, field_text)
+    else:
+        yield from {"parquet": read_parquet, "csv": read_csv, "arrow": read_arrow}[kind](path, source)
 
 
 def read_jsonl(path: Path, source: str) -> Iterator[RawRecord]:
@@ -132,9 +182,48 @@ def read_csv(path: Path, source: str) -> Iterator[RawRecord]:
         raise DataError(f"{source}: not valid UTF-8 at byte {e.start}") from None
 
 
-def read_hub(dataset_id: str, split: str) -> Iterator[RawRecord]:
-    """A hub dataset through `datasets.load_dataset` (streamed; offline runs need it in the HF cache)."""
+def read_text(path: Path, source: str, field: str) -> Iterator[RawRecord]:
+    """Plain text, one record {field: line} per non-blank line (the line's end removed)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield RawRecord(source, number, {field: raw.decode("utf-8").rstrip("\r\n")})
+            except UnicodeDecodeError as e:
+                shown = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
+                yield RawRecord(source, number, None, ("invalid_utf8", f"not valid UTF-8 at byte {e.start}"), shown)
+
+
+def read_arrow(path: Path, source: str) -> Iterator[RawRecord]:
+    """An Arrow IPC file or stream (datasets' save_to_disk writes streams), row = 1-based row number."""
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+    except pa.ArrowInvalid:
+        try:
+            file = pa.ipc.open_file(pa.memory_map(str(path)))
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{source}: not an Arrow IPC file or stream ({e})") from None
+        reader = (file.get_batch(i) for i in range(file.num_record_batches))
+    row = 0
+    for batch in reader:
+        for record in batch.to_pylist():
+            row += 1
+            yield RawRecord(source, row, record)
+
+
+def read_hub(
+    dataset_id: str, split: str, name: str | None = None, files: tuple[str, ...] | None = None
+) -> Iterator[RawRecord]:
+    """A hub dataset (configuration `name`, only `files` of its repository when given) through
+    `datasets.load_dataset`, streamed; offline runs need it in the HF cache. A local dataset folder works
+    the same way (datasets reads its card's configs)."""
     import datasets
 
-    for index, record in enumerate(datasets.load_dataset(dataset_id, split=split, streaming=True), start=1):
+    rows = datasets.load_dataset(
+        dataset_id, name, data_files=list(files) if files else None, split=split, streaming=True
+    )
+    for index, record in enumerate(rows, start=1):
         yield RawRecord(dataset_id, index, record)

@@ -2,9 +2,12 @@
 
 Outputs (in the folder given, which the stage swaps in atomically):
   records.parquet    canonical records in input order (format: reprotune.records)
+  datasets.json      per dataset what tokenize needs: test set or not, weight, chat masking overrides
   rejects.jsonl      {source, line, reason, detail, record|raw} per rejected record
   duplicates.jsonl   {source, line, duplicate_of} per dropped duplicate
 Invariant, checked before returning: read = kept + rejected + duplicates.
+data.test_datasets are read first, so a training record equal to a validation record is the duplicate
+that is dropped (dedup on): the validation set stays as given and never leaks into training.
 Streaming: memory holds one row group plus a 16-byte-per-record id set for dedup
 (about 160 MB for 10M records).
 """
@@ -21,9 +24,9 @@ from typing import IO
 from tqdm import tqdm
 
 from reprotune.config import Params
-from reprotune.data.readers import DataError, RawRecord, read_source
+from reprotune.data.readers import DataError, RawRecord, read_dataset
 from reprotune.data.rules import RecordError, normalise, record_id
-from reprotune.records import RECORDS, ROW_GROUP, RecordsWriter
+from reprotune.records import DATASETS, RECORDS, ROW_GROUP, DatasetEntry, RecordsWriter, write_datasets
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,10 @@ class ValidateInputs:
 
 
 def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
-    """Validate every dataset of params.data into `out_dir`; returns metrics (totals and per source)."""
+    """Validate every dataset of params.data into `out_dir`; returns metrics: totals, per_source (data.datasets
+    by path) and per_test_source (data.test_datasets, when any)."""
     cfg, root = params.data, inputs.repo_root
+    datasets = [(ds, True) for ds in cfg.test_datasets] + [(ds, False) for ds in cfg.datasets]
     total, per_source, seen = Counts(), {}, {}
     with (
         RecordsWriter(out_dir / RECORDS) as writer,
@@ -62,20 +67,27 @@ def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
         open(out_dir / "duplicates.jsonl", "w", encoding="utf-8", newline="\n") as duplicates,
     ):
         sink = _Sink(writer, rejects, duplicates, cfg.on_invalid)
-        for ds in cfg.datasets:
-            counts = per_source.setdefault(ds.path, Counts())
-            log.info("validating %s (%s)", ds.path, ds.type)
-            for raw in tqdm(
-                read_source(ds.path, root, ds.split), desc=f"validate {ds.path}", unit="rec", mininterval=2
-            ):
-                sink.take(raw, ds, counts, seen if cfg.dedup else None)
+        for index, (ds, test) in enumerate(datasets):
+            counts = per_source.setdefault((test, ds.path), Counts())
+            log.info("validating %s (%s%s)", ds.path, ds.type, ", validation set" if test else "")
+            for raw in tqdm(read_dataset(ds, root), desc=f"validate {ds.path}", unit="rec", mininterval=2):
+                sink.take(raw, ds, index, counts, seen if cfg.dedup else None)
         sink.flush()
+    write_datasets(out_dir / DATASETS, [_entry(ds, test) for ds, test in datasets])
     for counts in per_source.values():
         for name in ("read", "kept", "rejected", "duplicates"):
             setattr(total, name, getattr(total, name) + getattr(counts, name))
         total.by_reason.update(counts.by_reason)
     assert total.read == total.kept + total.rejected + total.duplicates, total  # counts must balance
-    return {**total.as_dict(), "per_source": {k: v.as_dict() for k, v in per_source.items()}}
+    by_group = {
+        group: {path: c.as_dict() for (test, path), c in per_source.items() if test == (group == "per_test_source")}
+        for group in ("per_source", "per_test_source")
+    }
+    return {**total.as_dict(), **{group: sources for group, sources in by_group.items() if sources}}
+
+
+def _entry(ds, test: bool) -> DatasetEntry:
+    return DatasetEntry(ds.path, test, ds.weight, ds.roles_to_train, ds.train_on_eos)
 
 
 class _Sink:
@@ -86,7 +98,7 @@ class _Sink:
         self.on_invalid = on_invalid
         self.rows: list[dict] = []
 
-    def take(self, raw: RawRecord, ds, counts: Counts, seen: dict | None) -> None:
+    def take(self, raw: RawRecord, ds, dataset: int, counts: Counts, seen: dict | None) -> None:
         counts.read += 1
         try:
             if raw.error:
@@ -97,15 +109,16 @@ class _Sink:
             return
         row["id"] = record_id(row)
         if seen is not None:
-            first = seen.setdefault(bytes.fromhex(row["id"]), (raw.source, raw.line))
-            if first != (raw.source, raw.line):
+            here = (raw.source, raw.line, dataset)  # a file listed twice (train and test) is read twice
+            first = seen.setdefault(bytes.fromhex(row["id"]), here)
+            if first != here:
                 counts.duplicates += 1
                 _write_line(
                     self.duplicates, {"source": raw.source, "line": raw.line, "duplicate_of": f"{first[0]}:{first[1]}"}
                 )
                 return
         counts.kept += 1
-        self.rows.append({**row, "source": raw.source, "line": raw.line})
+        self.rows.append({**row, "source": raw.source, "line": raw.line, "dataset": dataset})
         if len(self.rows) >= ROW_GROUP:
             self.flush()
 

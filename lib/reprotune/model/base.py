@@ -8,6 +8,8 @@ Four sources, tried in this order:
 - a Hugging Face hub id `org/name`: the given revision is resolved to a commit sha first and the
   download is pinned to that sha, so a moving branch or tag cannot change the base under DVC.
 
+Then base.chat_template, base.special_tokens and base.tokens are applied to the tokenizer
+(chat_templates.py); tokens new to the vocabulary get embedding rows (vocab.py).
 Only safetensors weights are accepted: pickle weights (*.bin, *.pt) can run code when loaded.
 The provenance dict is also written to `<out_dir>/reprotune_base.json`; it never holds a token
 or an absolute path (the model is recorded as the user wrote it).
@@ -74,7 +76,9 @@ def resolve_base(params: Params, inputs: BaseInputs, out_dir: Path) -> dict[str,
     else:
         prov = _from_hub(model, revision, out_dir, trust_remote_code)
     prov["trust_remote_code"] = bool(trust_remote_code)
-    tokenizer = apply_tokenizer_params(out_dir, cfg.chat_template, cfg.chat_template_jinja, cfg.special_tokens)
+    tokenizer = apply_tokenizer_params(
+        out_dir, cfg.chat_template, cfg.chat_template_jinja, cfg.special_tokens, cfg.tokens
+    )
     if tokenizer:
         prov["tokenizer"] = tokenizer
     write_json(out_dir / PROVENANCE_FILE, prov)

@@ -1,14 +1,19 @@
-"""The base model's tokenizer as params ask for it: a named or custom chat template, special tokens.
+"""The base model's tokenizer as params ask for it: a named or custom chat template, special and added tokens.
 
 Features
-- base.chat_template: `tokenizer_default` (the tokenizer's own, required to exist), a named template
+- base.chat_template: `tokenizer_default` (the tokenizer's own; a tokenizer without one is fine until a
+  chat record needs one, which tokenize reports), a named template
   (Axolotl's names: chatml, llama3, mistral_v1, gemma, phi_3, qwen_25), `tokenizer_default_fallback_<name>`
   (the tokenizer's own if it has one, else the named one) or `jinja` (base.chat_template_jinja's text).
   The named templates are written here for text conversations; benchmarks/axolotl_parity.py renders each
   against Axolotl's file of the same name.
-- base.special_tokens: bos_token / eos_token / pad_token / unk_token set to tokens the vocabulary already
-  has (Axolotl configs often name the tokenizer's own, or a reserved token as pad). A new eos_token also
-  becomes a stop token in generation_config.json. Adding tokens (a vocabulary resize) is refused.
+- base.special_tokens: bos_token / eos_token / pad_token / unk_token given to a token the vocabulary has
+  (Axolotl configs often name the tokenizer's own, or a reserved token as pad) or, as Axolotl does, to a
+  new token added as a special token (not normalized, no strip). A new eos_token also becomes a stop token
+  in generation_config.json.
+- base.tokens: added to the vocabulary as Axolotl adds them (plain added tokens, not normalized, no
+  strip), each then one id. New ids get embedding rows (model/vocab.py grows models/base) and are
+  recorded in the returned provenance ("added_tokens", "embedding_rows") for training to learn them.
 - Applied in the base stage, so every later stage, and the exported model, reads the same tokenizer.
   With the defaults nothing is rewritten and models/base is byte for byte what the source gave.
 
@@ -21,8 +26,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reprotune.errors import BadInput
 from reprotune.io import write_json
+from reprotune.model.vocab import added_record, grow_embeddings
 
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -79,13 +84,10 @@ NAMED_TEMPLATES: dict[str, str] = {
 
 
 def chosen_template(choice: str, own: str | None, jinja: str | None) -> str | None:
-    """The template text for base.chat_template `choice`, given the tokenizer's own; None: keep it."""
+    """The template text for base.chat_template `choice`, given the tokenizer's own; None: keep the tokenizer's."""
     if choice == "tokenizer_default":
-        if not own:
-            raise BadInput(
-                "base.chat_template: the base tokenizer has no chat template; choose one of "
-                f"{', '.join(NAMED_TEMPLATES)} or jinja (with base.chat_template_jinja)"
-            )
+        # its own, or none: fine until a chat record needs one (tokenize says so), e.g. a base model given
+        # base.tokens for completion data
         return None
     if choice == "jinja":
         return jinja
@@ -94,32 +96,51 @@ def chosen_template(choice: str, own: str | None, jinja: str | None) -> str | No
     return NAMED_TEMPLATES[choice]
 
 
-def apply_tokenizer_params(out_dir: Path, chat_template: str, jinja: str | None, special_tokens: dict) -> dict:
-    """Rewrite the tokenizer in `out_dir` as base.chat_template / base.special_tokens say; returns what was
-    done (for the provenance record). Nothing is written when both are at their defaults."""
+def apply_tokenizer_params(
+    out_dir: Path, chat_template: str, jinja: str | None, special_tokens: dict, tokens: tuple[str, ...] = ()
+) -> dict:
+    """Rewrite the tokenizer in `out_dir` as base.chat_template / base.special_tokens / base.tokens say, growing
+    the embeddings for new tokens; returns what was done (for the provenance record). Nothing is written when
+    all are at their defaults."""
     from transformers import AutoTokenizer
 
-    if chat_template == "tokenizer_default" and not special_tokens:
+    if chat_template == "tokenizer_default" and not special_tokens and not tokens:
         return {}  # a tokenizer without a template is fine until a chat record needs one (tokenize says so)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     done: dict = {"chat_template": chat_template}
     template = chosen_template(chat_template, tokenizer.chat_template, jinja)
     if template is not None:
         tokenizer.chat_template = template
+    before = len(tokenizer)
     for key, token in sorted(special_tokens.items()):
-        ids = tokenizer.convert_tokens_to_ids([token])
-        if not ids or ids[0] is None or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
-            raise BadInput(
-                f"base.special_tokens.{key}: {token!r} is not a token of the base tokenizer's vocabulary "
-                "(adding tokens, which resizes the embeddings, is not available yet)"
-            )
-        setattr(tokenizer, key, token)
+        if in_vocabulary(tokenizer, token):
+            setattr(tokenizer, key, token)
+        else:
+            tokenizer.add_special_tokens({key: _added(token)})
+    tokenizer.add_tokens([_added(t) for t in tokens])  # a token the vocabulary has keeps its id
     if special_tokens:
         done["special_tokens"] = dict(sorted(special_tokens.items()))
+    if tokens:
+        done["tokens"] = list(tokens)
     tokenizer.save_pretrained(out_dir)
+    if len(tokenizer) > before:
+        done |= added_record(tokenizer, before, grow_embeddings(out_dir, len(tokenizer)))
     if "eos_token" in special_tokens:
         _add_stop_token(out_dir, tokenizer.eos_token_id)
     return done
+
+
+def in_vocabulary(tokenizer, token: str) -> bool:
+    """Whether `token` is one id of the vocabulary (a tokenizer with an unk token maps unknown ones to it)."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    return bool(ids) and ids[0] is not None and (ids[0] != tokenizer.unk_token_id or token == tokenizer.unk_token)
+
+
+def _added(token: str):
+    """A token as Axolotl adds it: matched verbatim in the raw text (not normalized), spaces around it kept."""
+    from tokenizers import AddedToken
+
+    return AddedToken(token, rstrip=False, lstrip=False, normalized=False)
 
 
 def _add_stop_token(out_dir: Path, token_id: int) -> None:

@@ -15,7 +15,11 @@ Features
   shuffle come from numpy Generator(seed), packing is deterministic, Parquet is written with fixed
   settings and no timestamps.
 - Train/val split at the record level (before tokenizing), so the chunks of a long document never
-  straddle the split: val_set_size is a fraction (ceil(fraction x records)) or a whole count.
+  straddle the split: val_set_size is a fraction (ceil(fraction x records)) or a whole count; or, with
+  data.test_datasets, exactly their records.
+- Dataset weights act on the training records after the split (a copy never lands in validation):
+  weight w gives each record floor(w) copies plus one more for round(frac(w) x n) of them, drawn with a
+  generator seeded by (seed, dataset index), so the split and shuffle draws stay as without weights.
 - Training rows are shuffled (seeded); validation rows keep packing order.
 - Best-fit-decreasing packing (packing.py) into bins of sequence_len, for train and val alike.
 
@@ -50,9 +54,17 @@ from reprotune.config.sections import TokenizeConfig
 from reprotune.io import temporary_env
 from reprotune.layout import BASE, VALIDATED
 from reprotune.packed import IGNORE_INDEX
-from reprotune.records import RECORDS, count_records, iter_record_batches
+from reprotune.records import (
+    DATASETS,
+    RECORDS,
+    DatasetEntry,
+    count_records,
+    iter_record_batches,
+    read_datasets,
+    record_datasets,
+)
 from reprotune.tokenize.packing import lower_bound_bins, pack_best_fit_decreasing, packing_efficiency
-from reprotune.tokenize.templates import PromptEncoder, TokenizeError
+from reprotune.tokenize.templates import ChatMasking, PromptEncoder, TokenizeError
 
 log = logging.getLogger(__name__)
 SPILL = ".spill"
@@ -173,6 +185,33 @@ def split_records(n: int, val_set_size: float, rng: np.random.Generator) -> np.n
     return in_val
 
 
+def record_copies(dataset: np.ndarray, in_val: np.ndarray, entries: list[DatasetEntry], seed: int) -> np.ndarray:
+    """(records,) int64 training copies of each record: 0 in validation, else by its dataset's weight."""
+    copies = (~in_val).astype(np.int64)
+    for index, entry in enumerate(entries):
+        if entry.weight == 1:
+            continue
+        train = np.flatnonzero((dataset == index) & ~in_val)  # (n,) this dataset's training records
+        whole, frac = divmod(entry.weight, 1)
+        extra = np.random.default_rng([seed, index]).permutation(train.size)[: round(frac * train.size)]
+        copies[train] = int(whole)
+        copies[train[extra]] += 1
+    return copies
+
+
+def weight_figures(dataset: np.ndarray, in_val: np.ndarray, copies: np.ndarray, entries: list[DatasetEntry]) -> dict:
+    """Per weighted dataset: its weight, training records before weighting, and after (copies)."""
+    return {
+        entry.path: {
+            "weight": entry.weight,
+            "train_records": int(((dataset == index) & ~in_val).sum()),
+            "train_copies": int(copies[dataset == index].sum()),
+        }
+        for index, entry in enumerate(entries)
+        if entry.weight != 1
+    }
+
+
 @dataclass
 class Rows:
     seqs: np.ndarray  # (sequences,) int64 spill indices, row after row
@@ -244,6 +283,7 @@ def write_split(
 @dataclass(frozen=True)
 class TokenizeInputs:
     records: Path = VALIDATED / RECORDS
+    datasets: Path = VALIDATED / DATASETS
     base: Path = BASE
     """The base model folder: its tokenizer and chat template."""
 
@@ -253,16 +293,23 @@ def tokenize(params: Params, inputs: TokenizeInputs, out_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.base, trust_remote_code=params.base.trust_remote_code)
-    return tokenize_dataset(inputs.records, tokenizer, params.tokenize, out_dir)
+    return tokenize_dataset(inputs.records, tokenizer, params.tokenize, out_dir, read_datasets(inputs.datasets))
 
 
-def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir) -> dict:
-    """Tokenize, mask, split, pack and write `records_path` into `out_dir`; returns the metrics."""
+def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir, datasets: list[DatasetEntry] = ()) -> dict:
+    """Tokenize, mask, split, pack and write `records_path` into `out_dir`; returns the metrics.
+
+    `datasets`: the entries the records' `dataset` indexes point at (test sets, weights, chat masking);
+    an index without an entry is a plain dataset."""
     records_path, out_dir = Path(records_path), Path(out_dir)
-    encoder = PromptEncoder(tokenizer, cfg)
+    encoder = PromptEncoder(tokenizer, cfg, chat_masking(datasets, cfg))
     n_records = count_records(records_path)
+    dataset = record_datasets(records_path)  # (records,) int32
     rng = np.random.default_rng(cfg.seed)
-    in_val = split_records(n_records, cfg.val_set_size, rng)  # (records,) bool
+    tests = [i for i, e in enumerate(datasets) if e.test]
+    # (records,) bool; an explicit validation set replaces the drawn one (check: val_set_size is 0 then)
+    in_val = np.isin(dataset, tests) if tests else split_records(n_records, cfg.val_set_size, rng)
+    copies = record_copies(dataset, in_val, datasets, cfg.seed)  # (records,) int64 training copies
     n_val = int(in_val.sum())
     spill = Spill(out_dir / SPILL)
     try:
@@ -273,19 +320,31 @@ def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir) -> d
             counts.update(batch.counts)
         spill.close()
         seq_val = in_val[spill.record]  # (sequences,) bool
-        if seq_val.all():
+        train_seqs = np.repeat(np.arange(seq_val.size), copies[spill.record])  # weighted copies, in order
+        if not train_seqs.size:
             raise TokenizeError(
                 f"no training sequence left out of {n_records} records "
                 f"({', '.join(f'{k} {counts[k]}' for k in COUNTS)})"
             )
         splits = {
-            "train": write_split(out_dir, "train", np.flatnonzero(~seq_val), n_records - n_val, spill, cfg, rng),
+            "train": write_split(out_dir, "train", train_seqs, n_records - n_val, spill, cfg, rng),
             "val": write_split(out_dir, "val", np.flatnonzero(seq_val), n_val, spill, cfg, None),
         }
     finally:
         shutil.rmtree(out_dir / SPILL, ignore_errors=True)
     packed.write_manifest(out_dir, cfg.sequence_len, cfg.sample_packing, splits)
-    return _metrics(n_records, splits, counts, cfg.sequence_len)
+    metrics = _metrics(n_records, splits, counts, cfg.sequence_len)
+    weights = weight_figures(dataset, in_val, copies, datasets)
+    return {**metrics, "weights": weights} if weights else metrics
+
+
+def chat_masking(datasets: list[DatasetEntry], cfg: TokenizeConfig) -> dict[int, ChatMasking]:
+    """The datasets whose roles_to_train or train_on_eos override tokenize's."""
+    return {
+        index: ChatMasking(frozenset(e.roles_to_train or cfg.roles_to_train), e.train_on_eos or cfg.train_on_eos)
+        for index, e in enumerate(datasets)
+        if e.roles_to_train is not None or e.train_on_eos is not None
+    }
 
 
 def _metrics(n_records: int, splits: dict, counts: Counter, sequence_len: int) -> dict:

@@ -17,6 +17,8 @@ Features
   message with a sentinel as content gives its header (role markers), which stays untrained. A trained
   turn keeps its end-of-turn tokens (<|im_end|>, </s>); whitespace the template puts after such a
   special token separates turns and stays untrained (generation stops at the special token).
+  Which turns and end-of-turn tokens carry labels (roles_to_train, train_on_eos) is tokenize's setting
+  unless the record's dataset overrides it (data.datasets[].roles_to_train / train_on_eos).
   A template that renders a message differently once later messages follow (so prefixes are not
   prefixes) is refused with an error naming it, never masked by guesswork.
 - completion: the raw text then EOS, all trained; a document longer than sequence_len is cut into
@@ -150,10 +152,20 @@ def special_prefix(tokenizer) -> list[int]:
     raise TokenizeError(f"tokenizer {tokenizer.name_or_path!r}: cannot find the text among its special tokens")
 
 
-class PromptEncoder:
-    """Records -> Sequences for one tokenizer and one `tokenize` config."""
+class ChatMasking(NamedTuple):
+    """Which chat turns carry labels: the roles trained, and train_on_eos (turn | last | all | none)."""
 
-    def __init__(self, tokenizer, cfg: TokenizeConfig):
+    roles: frozenset[str]
+    train_on_eos: str
+
+
+class PromptEncoder:
+    """Records -> Sequences for one tokenizer and one `tokenize` config.
+
+    `masking` maps a record's `dataset` index to that dataset's ChatMasking where it differs from cfg's.
+    """
+
+    def __init__(self, tokenizer, cfg: TokenizeConfig, masking: dict[int, ChatMasking] | None = None):
         name = tokenizer.name_or_path
         if not tokenizer.is_fast:
             raise TokenizeError(f"tokenizer {name!r} has no fast (Rust) version; offsets need one")
@@ -163,7 +175,8 @@ class PromptEncoder:
         self.cfg = cfg
         self.prefix = special_prefix(tokenizer)
         self.eos = tokenizer.eos_token_id
-        self.roles = frozenset(cfg.roles_to_train)
+        self.masking = masking or {}
+        self.default_masking = ChatMasking(frozenset(cfg.roles_to_train), cfg.train_on_eos)
         added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
         # longest first: a token that ends with a shorter one ("<|im_end|>" vs ">") is found whole
         self.specials = tuple(sorted({*tokenizer.all_special_tokens, *added}, key=lambda s: (-len(s), s)))
@@ -237,32 +250,23 @@ class PromptEncoder:
         full = self._apply(messages, record)
         if self.cfg.train_on_inputs:
             return Rendered(full, [(0, len(full))], add_eos=False, chunk=False)
-        trained = [i for i, m in enumerate(messages) if m["role"] in self.roles]
-        last = len(messages) - 1 if self.cfg.train_on_eos == "all" else max(trained, default=-1)
+        roles, train_on_eos = self.masking.get(record.get("dataset"), self.default_masking)
+        trained = [i for i, m in enumerate(messages) if m["role"] in roles]
+        last = len(messages) - 1 if train_on_eos == "all" else max(trained, default=-1)
         spans, start = [], 0
         for i in range(last + 1):  # turns after the last one with labels need no span
             end = len(full) if i == len(messages) - 1 else self._prefix_len(messages[: i + 1], full, record)
-            if i not in trained and self.cfg.train_on_eos != "all":
+            if i not in trained and train_on_eos != "all":
                 start = end  # an untrained turn whose end is untrained too: nothing to locate
                 continue
             eot = self._end_of_turn(full, start, end)  # (a, b) of the closing special token, or None
             if i in trained:
                 content = start + self._header_len(messages[:i], messages[i]["role"], full, start, record)
                 spans.append((content, eot[0] if eot else end))
-            if eot and self._trains_end_of_turn(i, trained):
+            if eot and _trains_end_of_turn(train_on_eos, i, trained):
                 spans.append(eot)
             start = end
         return Rendered(full, _merge(spans), add_eos=False, chunk=False)
-
-    def _trains_end_of_turn(self, i: int, trained: list[int]) -> bool:
-        """Whether turn i's closing token carries a label (tokenize.train_on_eos; `trained`: the turns
-        whose role is in roles_to_train, in order)."""
-        eos = self.cfg.train_on_eos
-        if eos == "all":
-            return True
-        if eos == "none" or i not in trained:
-            return False
-        return eos == "turn" or i == trained[-1]  # "last": only the last trained turn's
 
     def _apply(self, messages: list[dict], record: dict) -> str:
         if not self.tokenizer.chat_template:
@@ -305,6 +309,15 @@ class PromptEncoder:
         kept = full[start:end].rstrip()
         closing = next((s for s in self.specials if kept.endswith(s)), None)
         return (start + len(kept) - len(closing), start + len(kept)) if closing else None
+
+
+def _trains_end_of_turn(train_on_eos: str, i: int, trained: list[int]) -> bool:
+    """Whether turn i's closing token carries a label (`trained`: the turns whose role is trained, in order)."""
+    if train_on_eos == "all":
+        return True
+    if train_on_eos == "none" or i not in trained:
+        return False
+    return train_on_eos == "turn" or i == trained[-1]  # "last": only the last trained turn's
 
 
 def _token_range(enc, start: int, end: int, n_chars: int) -> tuple[int, int] | None:

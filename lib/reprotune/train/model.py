@@ -11,6 +11,11 @@
   `target_modules` is checked against the model and an entry that matches nothing is an error
   (peft would otherwise fail late or, with regexes, silently adapt nothing).
 - Attention: as resolved, except that packed rows under sdpa use attention.NAME (per sequence).
+- Added tokens (base.tokens, new base.special_tokens; their ids in models/base's provenance): their rows of
+  the input embedding and of an untied output head are trained through peft's trainable_token_indices,
+  and the adapter saves only those rows. A layer lora.modules_to_save already trains whole needs none;
+  with tied embeddings the head follows the embedding's rows (peft ties them). A LoRA target on such a
+  layer is refused: LoRA and trainable rows on one layer have no defined merge.
 - The adapter init is seeded (train.seed) right before peft creates it; `use_cache` is always off
   (training never reuses keys/values, and transformers only detects padding-free packed rows from
   position_ids when no cache is passed).
@@ -19,11 +24,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from reprotune.config.sections import LoraConfig, QuantConfig, TrainConfig
 from reprotune.errors import BadInput
 from reprotune.hardware import Capabilities
+from reprotune.loading import added_token_ids
 from reprotune.quant import load_kwargs
 
 
@@ -51,10 +58,11 @@ def load_trainable(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     set_seed(train.seed)  # LoRA A matrices are drawn from the global RNG
-    return get_peft_model(model, adapter_config(model, lora))
+    return get_peft_model(model, adapter_config(model, lora, added_token_ids(base_dir)))
 
 
-def adapter_config(model, lora: LoraConfig):
+def adapter_config(model, lora: LoraConfig, added_ids: Sequence[int] = ()):
+    """peft's LoraConfig for `lora` on `model`; `added_ids`: token ids whose embedding rows must be trained."""
     from peft import LoraConfig
 
     head = output_head_name(model)
@@ -71,11 +79,37 @@ def adapter_config(model, lora: LoraConfig):
         lora_dropout=lora.dropout,
         target_modules=targets,
         modules_to_save=saved,
+        trainable_token_indices=token_rows(model, targets, saved or [], list(added_ids)),
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def token_rows(model, targets: list[str], saved: list[str], ids: list[int]) -> dict[str, list[int]] | None:
+    """peft's trainable_token_indices for the added `ids`: {layer name: ids} for the input embedding and the
+    output head (only the embedding when tied: peft ties the head's rows to it), less what `saved` trains
+    whole; None when nothing is left."""
+    if not ids:
+        return None
+    layers = [module_name(model, model.get_input_embeddings())]
+    if not model.config.get_text_config().tie_word_embeddings:
+        layers.append(output_head_name(model))
+    rows = {layer: ids for layer in layers if not matches(layer, saved)}
+    for layer in rows:
+        if matches(layer, targets):
+            raise BadInput(
+                f"lora.target_modules: {layer!r} gets rows for the tokens added to the vocabulary (base.tokens / "
+                "base.special_tokens); LoRA on it as well has no defined merge. Leave it out, or list it in "
+                "lora.modules_to_save to train it whole"
+            )
+    return rows or None
+
+
+def matches(name: str, entries: list[str]) -> bool:
+    """Whether module `name` is named by an entry, fully or as a dotted suffix (peft's matching rule)."""
+    return any(name == entry or name.endswith("." + entry) for entry in entries)
 
 
 def check_untied(model, entries: list[str], key: str) -> None:
@@ -96,8 +130,11 @@ def check_untied(model, entries: list[str], key: str) -> None:
 
 
 def output_head_name(model) -> str:
-    head = model.get_output_embeddings()
-    return next(name for name, module in model.named_modules() if module is head)
+    return module_name(model, model.get_output_embeddings())
+
+
+def module_name(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
 
 
 def linear_leaf_names(model, exclude: str) -> list[str]:

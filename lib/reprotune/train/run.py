@@ -238,7 +238,9 @@ def save_adapter(model, base_dir: Path, out_dir: Path, config: dict) -> None:
     # peft records the path the base was loaded from; record the pipeline's name for it instead, so
     # the adapter's bytes do not depend on where the repo lives
     model.peft_config["default"].base_model_name_or_path = layout.BASE.as_posix()
-    model.save_pretrained(out_dir, save_embedding_layers=False)  # the vocabulary is never resized
+    # training never resizes the vocabulary (the base stage grows it for added tokens, and the adapter holds
+    # only their trained rows), so whole embedding matrices never belong in the adapter
+    model.save_pretrained(out_dir, save_embedding_layers=False)
     # peft's placeholder model card records the base's load path; training_config.json says more
     (out_dir / "README.md").unlink(missing_ok=True)
     copy_tokenizer_files(base_dir, out_dir)
