@@ -137,6 +137,16 @@ def test_unknown_keys_suggest_the_nearest(raw, path, fragment):
             "does not exist",
         ),
         (
+            {"data": {"datasets": [{"path": "data/sample", "type": "alpaca", "data_files": ["../raw/*.jsonl"]}]}},
+            "data.datasets[0].data_files[0]",
+            "no absolute path, no ..",
+        ),
+        (
+            {"data": {"datasets": [{"path": "data/sample", "type": "alpaca", "data_files": ["*.jsonl", "x*"]}]}},
+            "data.datasets[0].data_files[1]",
+            "matches no file in data/sample",
+        ),
+        (
             {"data": {"datasets": [{"path": "data/sample/alpaca.jsonl", "type": "alpaca", "data_files": ["a"]}]}},
             "data.datasets[0].data_files",
             "this path is a file",
@@ -293,3 +303,8 @@ def test_load_params_raises_with_every_problem(tmp_path):
     with pytest.raises(ParamsError) as e:
         load_params(tmp_path / "params.yaml")
     assert {p.path for p in e.value.problems} >= {"train.seed", "train.lr_scheduler"}
+
+
+def test_an_optional_choice_may_be_written_null():
+    ds = {"path": "data/sample/chat.jsonl", "type": "chat", "ds_type": None, "train_on_eos": None, "shards": None}
+    assert problems({"data": {"datasets": [ds]}}) == {}

@@ -102,7 +102,7 @@ def test_ds_type_names_the_format(tmp_path):
 
 
 @pytest.mark.parametrize("shards", [1, 3, 4, 7])
-def test_shards_cut_as_datasets_does(tmp_path, shards):
+def test_shards_cut_as_axolotl_does(tmp_path, shards):
     import datasets
 
     raw = tmp_path / "data/raw"
@@ -113,11 +113,12 @@ def test_shards_cut_as_datasets_does(tmp_path, shards):
     for index in range(shards):
         p = params([{"path": "data/raw/ten.jsonl", "type": "alpaca", "shards": shards, "shards_idx": index}])
         metrics, rows = run_validate(tmp_path, p, f"out{index}")
-        expected = whole.shard(num_shards=shards, index=index)["instruction"]  # what Axolotl reads
+        # what Axolotl reads: its seed is tokenize.seed here (42, the default of both)
+        expected = whole.shuffle(seed=42).shard(num_shards=shards, index=index)["instruction"]
         assert [r["instruction"] for r in rows] == expected
         assert metrics["read"] == len(expected)
         seen += [r["line"] for r in rows]
-    assert seen == list(range(1, 11))  # the shards cover the file once, in order
+    assert sorted(seen) == list(range(1, 11))  # the shards cover the file once
 
 
 def test_hub_reader_takes_name_and_data_files(tmp_path):
@@ -170,6 +171,38 @@ def test_test_datasets_come_first_and_win_duplicates(tmp_path):
         DatasetEntry("data/raw/eval.jsonl", True, 1.0, None, None),
         DatasetEntry("data/raw/train.jsonl", False, 2.0, None, None),
     ]
+
+
+def test_a_training_copy_of_a_test_record_is_dropped_even_without_dedup(tmp_path):
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "train.jsonl").write_text(alpaca_lines(0, 3) + alpaca_lines(0, 1))  # task 0 twice
+    (raw / "eval.jsonl").write_text(alpaca_lines(2, 3))  # task 2
+    raw_params = {
+        "data": {
+            "datasets": [{"path": "data/raw/train.jsonl", "type": "alpaca"}],
+            "test_datasets": [{"path": "data/raw/eval.jsonl", "type": "alpaca"}],
+            "dedup": False,
+        },
+        "tokenize": {"val_set_size": 0},
+    }
+    metrics, rows = run_validate(tmp_path, build_params(fill_defaults(raw_params, schema())))
+    assert [r["instruction"] for r in rows] == ["task 2", "task 0", "task 1", "task 0"]  # only task 2's copy went
+    assert metrics["duplicates"] == 1
+
+
+def test_an_empty_validation_set_stops_validate(tmp_path):
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "train.jsonl").write_text(alpaca_lines(0, 3))
+    (raw / "eval.jsonl").write_text('{"instruction": "x"}\n')  # no output: rejected
+    p = params(
+        [{"path": "data/raw/train.jsonl", "type": "alpaca"}],
+        [{"path": "data/raw/eval.jsonl", "type": "alpaca"}],
+        val_set_size=0,
+    )
+    with pytest.raises(DataError, match=r"data.test_datasets\[0\] \(data/raw/eval.jsonl\): no valid record"):
+        run_validate(tmp_path, p)
 
 
 # ----------------------------------------------------------------------------- tokenize

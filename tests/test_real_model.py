@@ -66,7 +66,8 @@ def real_gguf(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_real_model_pipeline_shortened(tmp_path):
     """All stages on SmolLM2-135M-Instruct with the preset cut to a few steps and sequences: the GGUF base
-    converts, trains, merges with its tied embeddings, evaluates three models and exports safetensors + GGUF."""
+    converts, gets one added token (a row of its tied embedding), trains, merges with its tied embeddings,
+    evaluates three models and exports safetensors + GGUF."""
     gguf = real_gguf(tmp_path / "fetch")
     repo = copy_repo(tmp_path / "repo")
     (repo / GGUF).parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,7 @@ def test_real_model_pipeline_shortened(tmp_path):
     params["train"].update(max_steps=3, save_steps=3, eval_steps=3, logging_steps=1)
     params["evaluate"].update(max_sequences=6, num_samples=2)
     params["export"]["formats"] = ["safetensors", "gguf"]
+    params["base"]["tokens"] = ["<|tool_call|>"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     subprocess.run(["dvc", "repro", "-q"], cwd=repo, env=env, check=True, timeout=1800)
@@ -83,6 +85,13 @@ def test_real_model_pipeline_shortened(tmp_path):
     assert base["source"] == "gguf" and "Q4_1" in base["warning"]
     merged_config = json.loads((repo / "models/merged/config.json").read_text())
     assert merged_config["tie_word_embeddings"] is True
+    rows = base["tokenizer"]["embedding_rows"]
+    assert rows["after"] == rows["before"] + 1 == merged_config["vocab_size"]
+    from safetensors import safe_open
+
+    with safe_open(repo / "models/adapter/adapter_model.safetensors", "pt") as f:
+        deltas = {k: f.get_slice(k).get_shape() for k in f.keys() if "trainable_tokens" in k}
+    assert list(deltas.values()) == [[1, merged_config["hidden_size"]]], deltas  # the new row only (tied)
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert {"base", "as_trained", "as_shipped", "shipped_vs_trained"} <= set(ev)
     samples = [json.loads(line) for line in (repo / "metrics/samples.jsonl").read_text().splitlines()]

@@ -389,7 +389,7 @@ DATASET_KEYS: dict[str, Rule] = {
     "chat_template": Rule(TRANSLATED, "", "tokenizer_default only: one template for all", _dataset_chat_template),
     "data_files": Rule(MAPPED, "data_files", "files under a folder path or in the hub repository", _data_files),
     "name": same("name", "the hub dataset's configuration"),
-    "shards": same("shards", "contiguous shards, as datasets' Dataset.shard"),
+    "shards": same("shards", "cut as Axolotl cuts them: shuffled with tokenize.seed, then Dataset.shard"),
     "shards_idx": same("shards_idx"),
     "weight": same("weight", "training copies per record, drawn after the split (not in Axolotl itself)"),
 }
@@ -475,6 +475,10 @@ def _datasets(group: str, entries: list) -> tuple[list[dict], list[Row]]:
             except Unsupported as e:
                 row = dataclasses.replace(row, status=UNSUPPORTED, note=str(e))
             rows.append(row)
+        if group == "test_datasets" and _empty(entry.get("split")):  # Axolotl reads a test set's test split
+            ds["split"] = "test"
+            note = "unset: test, the split Axolotl reads for a hub test set (local files have one)"
+            rows.append(Row(f"{group}[{i}].split", None, TRANSLATED, f"data.{group}[{i}].split", note))
         datasets.append(ds)
     return datasets, rows
 

@@ -1,5 +1,6 @@
 """Model folders as every stage after `base` reads them: tokenizer files, stored dtype, stop tokens,
-and loading a model for inference (scoring, generation, merge verification).
+the ids of tokens the base stage added (its provenance record's format), and loading a model for
+inference (scoring, generation, merge verification).
 
 A model folder is what save_pretrained writes: config.json, safetensors weights, tokenizer files,
 optionally generation_config.json. torch and transformers are imported inside the functions.
@@ -67,6 +68,13 @@ def stop_token_ids(model_dir: Path, tokenizer) -> set[int]:
         eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
         stops |= set(eos if isinstance(eos, list) else [eos]) - {None}
     return stops
+
+
+def added_record(tokenizer, before: int, rows: dict[str, int]) -> dict:
+    """What the provenance records: {"added_tokens": {token: id}, "embedding_rows": {"before", "after"}}
+    for the ids from `before` (the tokenizer's length before tokens were added) on."""
+    ids = range(before, len(tokenizer))
+    return {"added_tokens": dict(zip(tokenizer.convert_ids_to_tokens(list(ids)), ids)), "embedding_rows": rows}
 
 
 def added_token_ids(base_dir: Path) -> list[int]:

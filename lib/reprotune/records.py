@@ -11,8 +11,8 @@ ROW_GROUP rows.
 
 datasets.json lists one entry per params dataset, data.test_datasets first, then data.datasets, with what
 tokenize needs of it: {path, test (a validation-only set), weight, roles_to_train, train_on_eos} (the last
-two null: tokenize's own). Keeping these out of the records means a changed weight rewrites only this
-small file, and a record's bytes depend on its content alone.
+two null: tokenize's own). Keeping these out of the records means a changed weight or masking rewrites only
+this small file, not the records.
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ def _node(tp: Any, constraints: dict, defs: dict) -> dict:
     rest = dict(constraints)
     choices, items, keys = rest.pop("choices", None), rest.pop("items", {}), rest.pop("keys", ())
     args = get_args(tp)
-    if choices is not None:
-        return {"enum": list(choices), **rest}
+    if choices is not None:  # an optional key's null is one of its choices
+        return {"enum": list(choices) + ([None] if NoneType in args else []), **rest}
     if NoneType in args:
         node = _node(next(a for a in args if a is not NoneType), constraints, defs)
         return {**node, "type": [node["type"], "null"]}

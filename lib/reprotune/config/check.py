@@ -23,7 +23,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from reprotune.config.sections import Params, build_params, canonical_type
+from reprotune.config.sections import DATA_FORMATS, Params, build_params, canonical_type
 from reprotune.errors import BadInput
 
 BUILTIN_PREFIX = "builtin:"
@@ -33,7 +33,7 @@ BUILTIN_MAX_POSITIONS = {"builtin:tiny-llama": 2048}
 BUILTIN_MODELS = tuple(BUILTIN_MAX_POSITIONS)
 LOCAL_MODELS_DIR = "models/local"  # the base stage's declared dependency in dvc.yaml
 DATA_DIRS = ("data/raw", "data/sample")  # the validate stage's declared dependencies in dvc.yaml
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")  # reprotune.data.readers.FORMATS
+DATA_SUFFIXES = tuple(DATA_FORMATS)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TYPE_FIELDS = {
     "alpaca": ("field_instruction", "field_input", "field_output", "field_system"),
@@ -338,11 +338,31 @@ def _source_problems(ds: dict, path: str, root: Path) -> Iterator[Problem]:
                 f"got {_show(source)}; unknown file type, allowed: {', '.join(DATA_SUFFIXES)} (or set ds_type)",
             )
     elif local.exists():
-        return  # a folder: its files are matched when validate reads them
+        yield from _folder_problems(local, ds.get("data_files"), path, root)
     elif local.suffix.lower() in DATA_SUFFIXES or not HUB_ID.match(source):
         yield Problem(f"{path}.path", f"got {_show(source)}; file does not exist")
     elif ds.get("ds_type") is not None:
         yield Problem(f"{path}.ds_type", "applies to local files only; the hub dataset says its own format")
+
+
+def _folder_problems(folder: Path, patterns: list | None, path: str, root: Path) -> Iterator[Problem]:
+    """A dataset folder must hold data files; each data_files pattern must match some, inside the folder."""
+    if patterns is None:
+        if not any(f.is_file() and f.suffix.lower() in DATA_SUFFIXES for f in folder.rglob("*")):
+            yield Problem(f"{path}.path", f"folder holds no data file ({', '.join(DATA_SUFFIXES)})")
+        return
+    for j, pattern in enumerate(patterns):
+        where = f"{path}.data_files[{j}]"
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            yield Problem(where, f"got {_show(pattern)}; a name or glob inside the folder (no absolute path, no ..)")
+            continue
+        try:
+            matches = [f for f in folder.glob(pattern) if f.is_file()]
+        except (ValueError, NotImplementedError) as e:
+            yield Problem(where, f"got {_show(pattern)}; not a valid glob pattern ({e})")
+            continue
+        if not matches:
+            yield Problem(where, f"got {_show(pattern)}; matches no file in {folder.relative_to(root).as_posix()}")
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -45,6 +45,16 @@ def key(default: Any = MISSING, **constraints: Any) -> Any:
     return field(metadata=metadata)
 
 
+# Data file formats by name suffix (the validate stage's readers); a dataset's ds_type names one for other names.
+DATA_FORMATS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+
 # Named chat templates the base stage can put into the tokenizer (model/chat_templates.py holds their text).
 CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral_v1", "gemma", "phi_3", "qwen_25")
 
@@ -129,13 +139,14 @@ class DatasetConfig:
     data_files: tuple[str, ...] | None = key(None, minItems=1, items={"minLength": 1})
     """Files to read when path is a folder (names or glob patterns under it, each matched in sorted order)
     or a hub dataset (files in its repository). null: every data file of the folder / the hub's default."""
-    ds_type: str | None = key(None, choices=("json", "parquet", "csv", "text", "arrow"))
+    ds_type: str | None = key(None, choices=tuple(dict.fromkeys(DATA_FORMATS.values())))
     """File format when the name does not say (Axolotl's ds_type): json (JSON Lines or an array), parquet,
     csv, text (one record {field_text: line} per line), arrow (Arrow IPC stream, as datasets saves)."""
     name: str | None = key(None, minLength=1)
     """Hub datasets only: the configuration (subset) to load."""
     shards: int | None = key(None, minimum=1)
-    """Read one of this many contiguous shards of the dataset (shards_idx picks it), as Axolotl's shards."""
+    """Read one of this many shards of the dataset (shards_idx picks it), cut as Axolotl cuts them: the records
+    shuffled with tokenize.seed, then split into contiguous shards (datasets' shuffle(seed).shard())."""
     shards_idx: int = key(0, minimum=0)
     """Which shard (0-based) when shards is set."""
     weight: float = key(1.0, exclusiveMinimum=0, maximum=100)

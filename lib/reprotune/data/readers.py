@@ -1,6 +1,6 @@
 """Readers: one raw record at a time, with where it came from, from JSONL, JSON, Parquet, CSV, text, Arrow
 or the hub; a dataset is one file, a folder's files (data_files), or a hub dataset (name, data_files), and
-optionally one contiguous shard of it (shards, shards_idx).
+optionally one shard of it (shards, shards_idx).
 
 Every reader streams (memory stays flat for multi-GB files) and never raises on a single bad line:
 an undecodable or unparsable line comes back as a RawRecord with `error` set, so validate can keep
@@ -13,11 +13,12 @@ import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from reprotune.config.sections import DatasetConfig
+import numpy as np
+
+from reprotune.config.sections import DATA_FORMATS, DatasetConfig
 from reprotune.errors import BadInput
 
 BOM = b"\xef\xbb\xbf"
@@ -41,23 +42,29 @@ class RawRecord:
     """The line's text for unparsable lines (non-UTF-8 bytes shown as \\x escapes)."""
 
 
-# File format by name suffix; a dataset's ds_type overrides it (Axolotl's names).
-FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
+# Files datasets' save_to_disk writes beside the data: metadata, never records.
+DATASETS_METADATA = frozenset({"dataset_info.json", "state.json", "dataset_dict.json"})
 
 
-def read_dataset(ds: DatasetConfig, root: Path) -> Iterator[RawRecord]:
-    """Raw records of one params dataset (its file, its folder's files, or a hub dataset), only the shard
-    ds.shards_idx of ds.shards when sharded."""
+def read_dataset(ds: DatasetConfig, root: Path, seed: int) -> Iterator[RawRecord]:
+    """Raw records of one params dataset (its file, its folder's files, or a hub dataset); with ds.shards,
+    only shard ds.shards_idx, cut as Axolotl cuts it: `Dataset.shuffle(seed).shard(shards, shards_idx)`."""
     if not ds.shards:
         yield from _read_whole(ds, root)
         return
-    # Contiguous shards as datasets' Dataset.shard cuts them (Axolotl's shards): the first n % shards
-    # shards get one record more. Counting needs a first pass over the source.
+    # datasets' shuffle is default_rng(seed).permutation(n); shard() then takes a contiguous run of the
+    # permuted rows, the first n % shards shards one row longer. Counting n needs a first pass.
     n = sum(1 for _ in _read_whole(ds, root))
     size, extra = divmod(n, ds.shards)
     start = size * ds.shards_idx + min(ds.shards_idx, extra)
     stop = start + size + (ds.shards_idx < extra)
-    yield from islice(_read_whole(ds, root), start, stop)
+    rows = np.random.default_rng(seed).permutation(n)[start:stop]  # (shard rows,) in shard order
+    wanted = {int(row): i for i, row in enumerate(rows)}
+    shard: list[RawRecord | None] = [None] * len(rows)  # the shard's records, held to be put in its order
+    for row, raw in enumerate(_read_whole(ds, root)):
+        if row in wanted:
+            shard[wanted[row]] = raw
+    yield from shard
 
 
 def _read_whole(ds: DatasetConfig, root: Path) -> Iterator[RawRecord]:
@@ -74,7 +81,11 @@ def data_files(folder: Path, patterns: tuple[str, ...] | None) -> list[Path]:
     """The files of a dataset folder: each pattern's matches in sorted order (a file once), or every file of
     a known format under the folder, sorted."""
     if patterns is None:
-        return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in FORMATS)
+        return sorted(
+            f
+            for f in folder.rglob("*")
+            if f.is_file() and f.suffix.lower() in DATA_FORMATS and f.name not in DATASETS_METADATA
+        )
     files: dict[Path, None] = {}
     for pattern in patterns:
         matches = sorted(f for f in folder.glob(pattern) if f.is_file())
@@ -86,7 +97,7 @@ def data_files(folder: Path, patterns: tuple[str, ...] | None) -> list[Path]:
 
 def read_file(path: Path, source: str, ds_type: str | None, field_text: str = "text") -> Iterator[RawRecord]:
     """Records of one local file, in the format ds_type names or its suffix implies."""
-    kind = ds_type or FORMATS.get(path.suffix.lower())
+    kind = ds_type or DATA_FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{source}: unknown file type; set ds_type (json, parquet, csv, text, arrow)")
     if path.stat().st_size == 0:
@@ -218,8 +229,8 @@ def read_hub(
     dataset_id: str, split: str, name: str | None = None, files: tuple[str, ...] | None = None
 ) -> Iterator[RawRecord]:
     """A hub dataset (configuration `name`, only `files` of its repository when given) through
-    `datasets.load_dataset`, streamed; offline runs need it in the HF cache. A local dataset folder works
-    the same way (datasets reads its card's configs)."""
+    `datasets.load_dataset`, streamed; offline runs need it in the HF cache. (`datasets` reads a local
+    dataset repository folder the same way, which is how the tests exercise this path.)"""
     import datasets
 
     rows = datasets.load_dataset(

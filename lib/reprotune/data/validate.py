@@ -7,7 +7,8 @@ Outputs (in the folder given, which the stage swaps in atomically):
   duplicates.jsonl   {source, line, duplicate_of} per dropped duplicate
 Invariant, checked before returning: read = kept + rejected + duplicates.
 data.test_datasets are read first, so a training record equal to a validation record is the duplicate
-that is dropped (dedup on): the validation set stays as given and never leaks into training.
+that is dropped (whatever data.dedup says): the validation set stays as given and never leaks into
+training. A validation dataset left without a record stops the stage.
 Streaming: memory holds one row group plus a 16-byte-per-record id set for dedup
 (about 160 MB for 10M records).
 """
@@ -60,18 +61,22 @@ def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
     by path) and per_test_source (data.test_datasets, when any)."""
     cfg, root = params.data, inputs.repo_root
     datasets = [(ds, True) for ds in cfg.test_datasets] + [(ds, False) for ds in cfg.datasets]
-    total, per_source, seen = Counts(), {}, {}
+    total, per_source = Counts(), {}
     with (
         RecordsWriter(out_dir / RECORDS) as writer,
         open(out_dir / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rejects,
         open(out_dir / "duplicates.jsonl", "w", encoding="utf-8", newline="\n") as duplicates,
     ):
-        sink = _Sink(writer, rejects, duplicates, cfg.on_invalid)
+        sink = _Sink(writer, rejects, duplicates, cfg.on_invalid, cfg.dedup)
         for index, (ds, test) in enumerate(datasets):
             counts = per_source.setdefault((test, ds.path), Counts())
             log.info("validating %s (%s%s)", ds.path, ds.type, ", validation set" if test else "")
-            for raw in tqdm(read_dataset(ds, root), desc=f"validate {ds.path}", unit="rec", mininterval=2):
-                sink.take(raw, ds, index, counts, seen if cfg.dedup else None)
+            kept = counts.kept
+            records = read_dataset(ds, root, params.tokenize.seed)
+            for raw in tqdm(records, desc=f"validate {ds.path}", unit="rec", mininterval=2):
+                sink.take(raw, ds, index, test, counts)
+            if test and counts.kept == kept:
+                raise DataError(f"data.test_datasets[{index}] ({ds.path}): no valid record: an empty validation set")
         sink.flush()
     write_datasets(out_dir / DATASETS, [_entry(ds, test) for ds, test in datasets])
     for counts in per_source.values():
@@ -93,12 +98,15 @@ def _entry(ds, test: bool) -> DatasetEntry:
 class _Sink:
     """Routes each raw record to the Parquet buffer, the rejects file or the duplicates file."""
 
-    def __init__(self, writer: RecordsWriter, rejects: IO, duplicates: IO, on_invalid: str):
+    def __init__(self, writer: RecordsWriter, rejects: IO, duplicates: IO, on_invalid: str, dedup: bool):
         self.writer, self.rejects, self.duplicates = writer, rejects, duplicates
-        self.on_invalid = on_invalid
+        self.on_invalid, self.dedup = on_invalid, dedup
+        # record id -> (source, line, from a test dataset) of its first reading; with dedup off only
+        # validation records are remembered: a training copy of one is dropped all the same
+        self.seen: dict[bytes, tuple[str, int, bool]] = {}
         self.rows: list[dict] = []
 
-    def take(self, raw: RawRecord, ds, dataset: int, counts: Counts, seen: dict | None) -> None:
+    def take(self, raw: RawRecord, ds, dataset: int, test: bool, counts: Counts) -> None:
         counts.read += 1
         try:
             if raw.error:
@@ -108,15 +116,16 @@ class _Sink:
             self._reject(raw, e, counts)
             return
         row["id"] = record_id(row)
-        if seen is not None:
-            here = (raw.source, raw.line, dataset)  # a file listed twice (train and test) is read twice
-            first = seen.setdefault(bytes.fromhex(row["id"]), here)
-            if first != here:
-                counts.duplicates += 1
-                _write_line(
-                    self.duplicates, {"source": raw.source, "line": raw.line, "duplicate_of": f"{first[0]}:{first[1]}"}
-                )
-                return
+        key = bytes.fromhex(row["id"])
+        first = self.seen.get(key)
+        if first is not None and (self.dedup or first[2]):
+            counts.duplicates += 1
+            _write_line(
+                self.duplicates, {"source": raw.source, "line": raw.line, "duplicate_of": f"{first[0]}:{first[1]}"}
+            )
+            return
+        if first is None and (self.dedup or test):
+            self.seen[key] = (raw.source, raw.line, test)
         counts.kept += 1
         self.rows.append({**row, "source": raw.source, "line": raw.line, "dataset": dataset})
         if len(self.rows) >= ROW_GROUP:

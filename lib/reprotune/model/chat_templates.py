@@ -27,7 +27,8 @@ import json
 from pathlib import Path
 
 from reprotune.io import write_json
-from reprotune.model.vocab import added_record, grow_embeddings
+from reprotune.loading import added_record
+from reprotune.model.vocab import grow_embeddings
 
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"

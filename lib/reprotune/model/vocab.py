@@ -10,11 +10,11 @@ Features
   (no remote code, no weights in memory but the matrix being grown). Only the shard(s) holding a grown
   matrix are rewritten (reprotune.tensors, other tensors copied in header order), then
   model.safetensors.index.json's total_size; every file is written beside its target and renamed over it.
-- The record (`added_record`) lists the new tokens with their ids and the rows before/after; it goes into
-  the base provenance (reprotune_base.json, key "tokenizer"), where training reads the ids
-  (reprotune.loading.added_token_ids) to train those rows. A base with spare rows (rows >= tokenizer length, e.g. padded
-  to a multiple of 64) is not resized, but its new ids are recorded all the same: their rows are as
-  untrained as grown ones.
+- The record (reprotune.loading.added_record, which owns its format) lists the new tokens with their ids
+  and the rows before/after; it goes into the base provenance (reprotune_base.json, key "tokenizer"),
+  where training reads the ids (reprotune.loading.added_token_ids) to train those rows. A base with spare
+  rows (rows >= tokenizer length, e.g. padded to a multiple of 64) is not resized, but its new ids are
+  recorded all the same: their rows are as untrained as grown ones.
 
 Trade-offs
 - The mean is summed in float64 in fixed row blocks, then rounded to the stored dtype: bit-stable for a
@@ -39,13 +39,6 @@ from reprotune.tensors import TensorRef, read_index, read_tensor, write_safetens
 
 INDEX_NAME = "model.safetensors.index.json"
 MEAN_BLOCK_ROWS = 4096  # rows summed per step: bounds the float64 copy, fixes the summation order
-
-
-def added_record(tokenizer, before: int, rows: dict[str, int]) -> dict:
-    """What the provenance records: {"added_tokens": {token: id}, "embedding_rows": {"before", "after"}}
-    for the ids from `before` (the tokenizer's length before tokens were added) on."""
-    ids = range(before, len(tokenizer))
-    return {"added_tokens": dict(zip(tokenizer.convert_ids_to_tokens(list(ids)), ids)), "embedding_rows": rows}
 
 
 def grow_embeddings(model_dir: Path, rows: int) -> dict[str, int]:

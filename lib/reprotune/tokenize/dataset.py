@@ -19,7 +19,7 @@ Features
   data.test_datasets, exactly their records.
 - Dataset weights act on the training records after the split (a copy never lands in validation):
   weight w gives each record floor(w) copies plus one more for round(frac(w) x n) of them, drawn with a
-  generator seeded by (seed, dataset index), so the split and shuffle draws stay as without weights.
+  generator seeded by (seed, dataset index), so the split is drawn as without weights.
 - Training rows are shuffled (seeded); validation rows keep packing order.
 - Best-fit-decreasing packing (packing.py) into bins of sequence_len, for train and val alike.
 
@@ -41,6 +41,7 @@ import shutil
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import chain
 from pathlib import Path
 
@@ -192,10 +193,15 @@ def record_copies(dataset: np.ndarray, in_val: np.ndarray, entries: list[Dataset
         if entry.weight == 1:
             continue
         train = np.flatnonzero((dataset == index) & ~in_val)  # (n,) this dataset's training records
-        whole, frac = divmod(entry.weight, 1)
-        extra = np.random.default_rng([seed, index]).permutation(train.size)[: round(frac * train.size)]
-        copies[train] = int(whole)
-        copies[train[extra]] += 1
+        # exact decimal arithmetic: 1.1 is 11/10 here, not 1.1000000000000000888 (whose fraction part would
+        # round 5 x 0.1 up); the extra copies are round-half-up(fraction x n)
+        whole, fraction = divmod(Fraction(str(entry.weight)), 1)
+        extra = math.floor(fraction * train.size + Fraction(1, 2))
+        chosen = np.random.default_rng([seed, index]).permutation(train.size)[:extra]
+        copies[train] = whole
+        copies[train[chosen]] += 1
+        if train.size and not copies[train].any():
+            log.warning("%s: weight %s leaves none of its %d training records", entry.path, entry.weight, train.size)
     return copies
 
 
@@ -305,6 +311,10 @@ def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir, data
     encoder = PromptEncoder(tokenizer, cfg, chat_masking(datasets, cfg))
     n_records = count_records(records_path)
     dataset = record_datasets(records_path)  # (records,) int32
+    if datasets and dataset.size and dataset.max() >= len(datasets):
+        raise TokenizeError(
+            f"records name dataset {dataset.max()}; datasets.json lists {len(datasets)}: rerun validate"
+        )
     rng = np.random.default_rng(cfg.seed)
     tests = [i for i, e in enumerate(datasets) if e.test]
     # (records,) bool; an explicit validation set replaces the drawn one (check: val_set_size is 0 then)

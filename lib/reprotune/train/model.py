@@ -121,7 +121,7 @@ def check_untied(model, entries: list[str], key: str) -> None:
     tied = {output_head_name(model)}
     tied |= {name for name, m in model.named_modules() if m is model.get_input_embeddings()}
     for entry in entries:
-        if any(name == entry or name.endswith("." + entry) for name in tied):
+        if any(matches(name, [entry]) for name in tied):
             raise BadInput(
                 f"{key}: {entry!r} is tied to the {'output head' if 'embed' in entry else 'input embeddings'} "
                 "(the base has tie_word_embeddings: true); training it alone would untie what the merged model "
