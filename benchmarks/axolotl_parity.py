@@ -134,7 +134,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     unexpected_total = 0
-    print(f"{'tokenizer':<10} {'dataset':<14} {'reprotune':>9} {'axolotl':>8} {'same':>6}  expected / unexpected")
+    print(f"{'tokenizer':<10} {'dataset':<18} {'reprotune':>9} {'axolotl':>8} {'same':>6}  expected / unexpected")
     with tempfile.TemporaryDirectory(prefix="reprotune-parity-") as tmp:
         for name in args.tokenizers:
             model_dir = model_folder(name, Path(tmp))
@@ -156,7 +156,7 @@ def main() -> int:
                 expected = {k: v for k, v in kinds.items() if k not in ("same", "unexpected")}
                 unexpected_total += kinds["unexpected"]
                 print(
-                    f"{name:<10} {dataset:<14} {len(ours):>9} {len(theirs):>8} {kinds['same']:>6}  "
+                    f"{name:<10} {dataset:<18} {len(ours):>9} {len(theirs):>8} {kinds['same']:>6}  "
                     f"{json.dumps(expected)} / {kinds['unexpected']}"
                 )
                 if first:

@@ -18,6 +18,9 @@ EXPECTED = {
     ("builtin", "chat_template"): "eot_masked",  # ChatML's <|im_end|>: Axolotl masks it, reprotune trains it
     ("llama_spm", "alpaca"): "response_tokenized_apart",  # SentencePiece: Axolotl's response gets a leading "▁"
     ("llama_spm", "chat_template"): "same",
+    # one shard (Axolotl's shuffle + shard), roles_to_train [user, assistant], train_on_eos last, tokens added
+    ("builtin", "chat_shard_tokens"): "eot_masked",
+    ("llama_spm", "chat_shard_tokens"): "same",
 }
 
 
@@ -47,3 +50,11 @@ def test_a_real_difference_is_unexpected():
     ids, labels = copy.deepcopy(theirs[0])
     ids[3] = (ids[3] + 1) % len(tokenizer)
     assert parity.classify(tokenizer, ours[0], (ids, labels)) == "unexpected"
+
+
+@pytest.mark.parametrize("tokenizer_name", ["builtin", "llama_spm"])
+def test_the_added_token_is_in_the_pinned_rows(tokenizer_name):
+    """The token the config adds ("capital letters") is one new id, in Axolotl's rows as in ours."""
+    tokenizer, ours, theirs = compared(tokenizer_name, "chat_shard_tokens")
+    new_id = len(tokenizer)  # the first id past the base vocabulary
+    assert sum(new_id in ids for ids, _ in theirs) == sum(new_id in ids for ids, _, _ in ours) > 0

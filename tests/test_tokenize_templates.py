@@ -204,11 +204,9 @@ def test_chat_roles_to_train_user_and_assistant(tok):
             "And of Italy?<|im_end|>",
             "Rome, of course.<|im_end|>",
         ]
-    else:  # the system prompt sits inside the first [INST] block, in its header: not trained
-        assert texts == [
-            "What is the capital of France? [/INST] Paris.</s>",
-            "And of Italy? [/INST] Rome, of course.</s>",
-        ]
+    else:  # the system prompt sits inside the first [INST] block, in its header; " [/INST]" closes a user
+        # turn in plain text (not a special token): template markup, untrained, as Axolotl leaves it
+        assert texts == ["What is the capital of France?", "Paris.</s>", "And of Italy?", "Rome, of course.</s>"]
     assert all("Answer briefly" not in t for t in texts)
 
 

@@ -113,12 +113,7 @@ def apply_tokenizer_params(
     if template is not None:
         tokenizer.chat_template = template
     before = len(tokenizer)
-    for key, token in sorted(special_tokens.items()):
-        if in_vocabulary(tokenizer, token):
-            setattr(tokenizer, key, token)
-        else:
-            tokenizer.add_special_tokens({key: _added(token)})
-    tokenizer.add_tokens([_added(t) for t in tokens])  # a token the vocabulary has keeps its id
+    add_to_vocabulary(tokenizer, special_tokens, tokens)
     if special_tokens:
         done["special_tokens"] = dict(sorted(special_tokens.items()))
     if tokens:
@@ -129,6 +124,17 @@ def apply_tokenizer_params(
     if "eos_token" in special_tokens:
         _add_stop_token(out_dir, tokenizer.eos_token_id)
     return done
+
+
+def add_to_vocabulary(tokenizer, special_tokens: dict, tokens: tuple[str, ...]) -> None:
+    """Give the special-token roles (adding a token the vocabulary lacks) and add `tokens`, as Axolotl's
+    load_tokenizer does; in place."""
+    for key, token in sorted(special_tokens.items()):
+        if in_vocabulary(tokenizer, token):
+            setattr(tokenizer, key, token)
+        else:
+            tokenizer.add_special_tokens({key: _added(token)})
+    tokenizer.add_tokens([_added(t) for t in tokens])  # a token the vocabulary has keeps its id
 
 
 def in_vocabulary(tokenizer, token: str) -> bool:

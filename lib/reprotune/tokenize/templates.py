@@ -261,8 +261,7 @@ class PromptEncoder:
                 continue
             eot = self._end_of_turn(full, start, end)  # (a, b) of the closing special token, or None
             if i in trained:
-                content = start + self._header_len(messages[:i], messages[i]["role"], full, start, record)
-                spans.append((content, eot[0] if eot else end))
+                spans.append(self._content_span(messages[:i], messages[i]["role"], full, start, end, eot, record))
             if eot and _trains_end_of_turn(train_on_eos, i, trained):
                 spans.append(eot)
             start = end
@@ -291,8 +290,12 @@ class PromptEncoder:
             )
         return len(text)
 
-    def _header_len(self, before: list[dict], role: str, full: str, start: int, record: dict) -> int:
-        """Length of the template text in front of a `role` message's content starting at `start`."""
+    def _content_span(
+        self, before: list[dict], role: str, full: str, start: int, end: int, eot, record: dict
+    ) -> tuple[int, int]:
+        """Characters of the content of the `role` message rendered as full[start:end]: after the template's
+        header, before its trailer (e.g. " [/INST]" after a Llama-2 user turn, which Axolotl leaves untrained
+        too) or, where the trailer is not found in place, before the closing special token `eot`."""
         probe = self._apply([*before, {"role": role, "content": SENTINEL}], record)
         at = probe.find(SENTINEL)
         if at < start or probe[:at] != full[:at]:
@@ -301,7 +304,9 @@ class PromptEncoder:
                 f"does not render a {role!r} message as header + content in place; remove {role!r} from "
                 "tokenize.roles_to_train or use train_on_inputs"
             )
-        return at - start
+        trailer = probe[at + len(SENTINEL) :]
+        stop = end - len(trailer) if full[:end].endswith(trailer) else eot[0] if eot else end
+        return at, max(at, stop)
 
     def _end_of_turn(self, full: str, start: int, end: int) -> tuple[int, int] | None:
         """Characters of the special token that closes the turn full[start:end] (whitespace the template
