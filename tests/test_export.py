@@ -53,7 +53,8 @@ def records(tmp_path_factory) -> tuple[Path, Path]:
     (metrics / "evaluate.json").write_text(json.dumps(
         {"base": {"loss": 5.5, "exact_match": 0.0}, "as_shipped": {"loss": 1.25, "exact_match": 0.5},
          "delta_loss": -4.25, "seconds": 12.3}))  # fmt: skip
-    (metrics / "merge.json").write_text(json.dumps({"max_abs_diff": 1e-6, "peak_rss_mb": 512.0, "device": "cpu"}))
+    merge = {"max_abs_diff": 1e-6, "noise_floor": 1e-6, "tolerance": 1e-4, "logit_scale": 2.5, "rtol": 1e-4}
+    (metrics / "merge.json").write_text(json.dumps({**merge, "peak_rss_mb": 512.0, "device": "cpu"}))
     return root / "reprotune_base.json", metrics
 
 
@@ -186,8 +187,10 @@ def test_card_records_provenance_data_params_and_metrics(exported):
     assert list(params) == ["base", "data", "tokenize", "quant", "lora", "train", "merge", "evaluate", "export"]
     assert params["lora"]["r"] == 16 and params["export"]["formats"] == ["safetensors", "gguf"]
     assert "| evaluate.as_shipped.loss | 1.25 |" in card and "| evaluate.delta_loss | -4.25 |" in card
-    assert "| merge.max_abs_diff | 1e-06 |" in card
+    assert "| merge.rtol | 0.0001 |" in card
     assert "seconds" not in card and "peak_rss" not in card and "merge.device" not in card  # machine-dependent
+    assert "max_abs_diff" not in card and "noise_floor" not in card and "logit_scale" not in card  # rounding noise
+    assert "merge.tolerance" not in card
     assert "`model.f16.gguf`" in card and "`manifest.json`" in card
 
 
