@@ -95,8 +95,6 @@ def template_parity(axolotl_python: Path, tokenizer) -> int:
     """Render the shipped conversations (and each with a system message, where the template has a system
     role) with reprotune's named templates and with Axolotl's files of the same names; return the number
     of renders that differ."""
-    import json as json_
-
     from reprotune.data.rules import KNOWN_ROLE_ALIASES
     from reprotune.model.chat_templates import NAMED_TEMPLATES
 
@@ -104,7 +102,7 @@ def template_parity(axolotl_python: Path, tokenizer) -> int:
     folder = Path(subprocess.run([str(axolotl_python), "-c", where], capture_output=True, text=True).stdout.strip())
     lines = (REPO / "data/sample/chat.jsonl").read_text().splitlines()[:200]
     conversations = [
-        [{"role": KNOWN_ROLE_ALIASES[m["from"]], "content": m["value"]} for m in json_.loads(line)["conversations"]]
+        [{"role": KNOWN_ROLE_ALIASES[m["from"]], "content": m["value"]} for m in json.loads(line)["conversations"]]
         for line in lines
     ]
     differ = 0

@@ -72,6 +72,14 @@ def test_defaults_leave_the_tokenizer_as_the_source_gave_it(tmp_path, tiny_model
 def test_fallback_keeps_the_tokenizers_own_template(tmp_path, tiny_model_dir):
     _, tokenizer = base(tmp_path, chat_template="tokenizer_default_fallback_gemma")
     assert tokenizer.chat_template == (tiny_model_dir / "chat_template.jinja").read_text()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # nothing rewritten: no loader keys leak in
+        assert (tmp_path / "base" / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+
+
+def test_a_rewritten_tokenizer_keeps_no_record_of_where_it_was_loaded_from(tmp_path):
+    base(tmp_path, chat_template="chatml")
+    config = json.loads((tmp_path / "base/tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only", "name_or_path"} & set(config)
 
 
 def test_a_token_the_vocabulary_lacks_is_added_as_a_special_token(tmp_path):

@@ -191,6 +191,43 @@ def test_a_training_copy_of_a_test_record_is_dropped_even_without_dedup(tmp_path
     assert metrics["duplicates"] == 1
 
 
+def test_without_dedup_a_test_set_keeps_its_own_repeats(tmp_path):
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "train.jsonl").write_text(alpaca_lines(5, 8))
+    (raw / "eval.jsonl").write_text(alpaca_lines(0, 2) + alpaca_lines(0, 1))  # task 0 twice
+    p = params(
+        [{"path": "data/raw/train.jsonl", "type": "alpaca"}],
+        [{"path": "data/raw/eval.jsonl", "type": "alpaca"}],
+        val_set_size=0,
+    )
+    p = dataclasses.replace(p, data=dataclasses.replace(p.data, dedup=False))
+    metrics, rows = run_validate(tmp_path, p)
+    assert metrics["per_test_source"]["data/raw/eval.jsonl"]["kept"] == 3 and metrics["duplicates"] == 0
+
+
+def test_a_folder_of_metadata_only_is_refused_by_check(tmp_path):
+    from reprotune.config.check import check_params
+
+    saved = tmp_path / "data/raw/saved"
+    saved.mkdir(parents=True)
+    (saved / "dataset_info.json").write_text("{}")
+    (saved / "state.json").write_text("{}")
+    _, problems = check_params({"data": {"datasets": [{"path": "data/raw/saved", "type": "alpaca"}]}}, tmp_path)
+    problems = [str(p) for p in problems]
+    assert any("data.datasets[0].path" in p and "no data file" in p for p in problems), problems
+
+
+def test_a_text_file_with_a_bom_reads_its_first_line_clean(tmp_path):
+    from reprotune.data.readers import read_text
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"\xef\xbb\xbfhello\r\n\nworld\n")
+    assert [(r.line, r.record) for r in read_text(path, "t.txt", "text")] == [
+        (1, {"text": "hello"}), (3, {"text": "world"})
+    ]  # fmt: skip
+
+
 def test_an_empty_validation_set_stops_validate(tmp_path):
     raw = tmp_path / "data/raw"
     raw.mkdir(parents=True)
@@ -270,6 +307,16 @@ def test_weight_samples_training_records_only(tok, tmp_path, weight):
     counts = {ids: s1["train"].count(ids) for ids in set(s1["train"])}
     assert set(counts) <= set(plain["train"]) and max(counts.values()) == int(np.ceil(weight))
     assert "weights" not in plain_m
+
+
+def test_two_weighted_entries_of_one_file_keep_their_own_figures(tok, tmp_path):
+    path = records_file(tmp_path, numbered(10, 0) + numbered(10, 1, start=50))
+    entries = [DatasetEntry("x", False, 2.0, None, None), DatasetEntry("x", False, 0.5, None, None)]
+    metrics, _ = tokenized(tok, path, tmp_path / "out", entries, val_set_size=0)
+    assert metrics["weights"] == {
+        "x [0]": {"weight": 2.0, "train_records": 10, "train_copies": 20},
+        "x [1]": {"weight": 0.5, "train_records": 10, "train_copies": 5},
+    }
 
 
 def test_per_dataset_chat_masking(tok, tmp_path):

@@ -100,6 +100,34 @@ def test_an_unknown_key_is_never_dropped_silently():
     assert row.status == UNSUPPORTED and "not a key this importer knows" in row.note
 
 
+def test_both_spellings_of_the_message_keys_merge_and_a_contradiction_is_said():
+    entry = {"path": "data/sample/chat.jsonl", "type": "chat_template", "message_field_content": "value"}
+    mapping = {"role": "from"}
+    values, _ = translate({"datasets": [{**entry, "message_property_mappings": mapping}]})
+    assert values["data.datasets"][0]["message_property_mappings"] == {"content": "value", "role": "from"}
+    assert mapping == {"role": "from"}  # the user's config is read, not changed
+    _, rows = translate({"datasets": [{**entry, "message_property_mappings": {"content": "text"}}]})
+    [row] = [r for r in rows if r.key == "datasets[0].message_property_mappings"]
+    assert row.status == UNSUPPORTED and "contradicts" in row.note
+
+
+def test_qlora_with_load_in_4bit_false_is_refused_in_either_key_order():
+    for cfg in ({"adapter": "qlora", "load_in_4bit": False}, {"load_in_4bit": False, "adapter": "qlora"}):
+        values, rows = translate(cfg)
+        assert "quant.load_in_4bit" not in values
+        assert {r.key: r.status for r in rows}["adapter"] == UNSUPPORTED
+    assert translate({"load_in_4bit": True, "adapter": "lora"})[0]["quant.load_in_4bit"] is True
+    assert translate({"load_in_4bit": True})[0]["quant.load_in_4bit"] is True
+
+
+def test_bnb_options_that_cannot_be_carried_are_said_and_an_empty_adapter_once():
+    _, rows = translate({"bnb_config_kwargs": {"llm_int8_has_fp16_weight": True, "bnb_4bit_quant_type": "nf4"}})
+    [row] = rows[:1]
+    assert row.status == UNSUPPORTED and "llm_int8_has_fp16_weight" in row.note
+    _, rows = translate({"adapter": None})
+    assert [(r.key, r.status) for r in rows] == [("adapter", UNSUPPORTED)]
+
+
 def test_readme_key_map_is_generated_from_the_importer():
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- axolotl-key-map:start[^>]*-->\n(.*?)\n<!-- axolotl-key-map:end -->", readme, re.S)

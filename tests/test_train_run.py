@@ -192,7 +192,9 @@ def test_loss_watchdog_needs_consecutive_logs_and_survives_a_resume():
 
 def test_per_epoch_intervals_become_steps_from_the_packed_split():
     """Axolotl's evals_per_epoch / saves_per_epoch: 201 rows, micro batch 2, accumulation 2 -> 101
-    micro-batches -> 50 optimizer steps per epoch (as the Trainer counts them)."""
+    micro-batches -> 51 optimizer steps per epoch (as the Trainer counts them: the last, partial
+    accumulation is a step); 4 evals per epoch -> every ceil(51 / 4) = 13 steps, as Axolotl's
+    eval_steps = 1 / (evals_per_epoch x epochs) of max_steps gives."""
     from reprotune.train.run import per_epoch_intervals
 
     cfg = dataclasses.replace(
@@ -200,6 +202,6 @@ def test_per_epoch_intervals_become_steps_from_the_packed_split():
         save_steps=None, saves_per_epoch=1,
     )  # fmt: skip
     resolved = per_epoch_intervals(cfg, train_rows=201, world_size=1)
-    assert (resolved.eval_steps, resolved.save_steps) == (12, 50)
-    assert per_epoch_intervals(cfg, train_rows=201, world_size=2).eval_steps == 6
+    assert (resolved.eval_steps, resolved.save_steps) == (13, 51)
+    assert per_epoch_intervals(cfg, train_rows=201, world_size=2).eval_steps == 7  # 51 micro-batches, 26 steps
     assert per_epoch_intervals(SHIPPED.train, train_rows=201, world_size=1) == SHIPPED.train  # steps given: kept

@@ -102,6 +102,15 @@ def test_chat_template_is_chat_and_drop_system_message_drops_it(tmp_path):
     assert dropped[1]["messages"] == as_chat[1]["messages"]  # no system message: unchanged
 
 
+def test_a_misplaced_system_message_is_numbered_as_in_the_record(tmp_path):
+    roles = ["system", "human", "system", "gpt"]
+    line = json.dumps({"conversations": [{"from": r, "value": "x"} for r in roles]})
+    (tmp_path / "c.jsonl").write_text(line + "\n")
+    ds = {"path": "c.jsonl", "type": "chat_template", "drop_system_message": True, **SHAREGPT}
+    _, _, rejects = run(tmp_path, data_config(ds))
+    assert rejects[0]["detail"] == "message 3: a system message may only come first"
+
+
 def test_custom_role_aliases(tmp_path):
     (tmp_path / "c.jsonl").write_text(
         '{"messages": [{"role": "customer", "content": "x"}, {"role": "agent", "content": "y"}]}\n'

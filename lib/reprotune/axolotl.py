@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from reprotune.config.check import HUB_ID, check_params
-from reprotune.config.sections import CHAT_TEMPLATE_NAMES, SECTION_TYPES
+from reprotune.config.check import HUB_ID, check_params, fill_defaults, schema
+from reprotune.config.sections import CHAT_TEMPLATES, SPECIAL_TOKEN_ROLES
 from reprotune.io import atomic_file
 
 MAPPED, TRANSLATED, IGNORED, UNSUPPORTED = "mapped", "translated", "ignored", "unsupported"
@@ -89,20 +89,22 @@ OPTIMIZERS = {
 }
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
 ATTENTION = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
-CHAT_TEMPLATES = (
-    "tokenizer_default",
-    *CHAT_TEMPLATE_NAMES,
-    *(f"tokenizer_default_fallback_{n}" for n in CHAT_TEMPLATE_NAMES),
-)
-SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _adapter(value, cfg: dict) -> dict:
     if value == "qlora":
+        if cfg.get("load_in_4bit") is False:
+            raise Unsupported(
+                "adapter qlora with load_in_4bit: false; qlora trains on a 4-bit base (Axolotl refuses it)"
+            )
         return {"quant.load_in_4bit": True}
     if value == "lora":
         return {"quant.load_in_4bit": bool(cfg.get("load_in_4bit"))}
     raise Unsupported(f"adapter {value!r}: reprotune trains LoRA adapters (lora, qlora)")
+
+
+def _load_in_4bit(value, cfg: dict) -> dict:
+    return {} if cfg.get("adapter") else {"quant.load_in_4bit": value}  # adapter, in any key order, decides
 
 
 def _optimizer(value, cfg: dict) -> dict:
@@ -127,23 +129,23 @@ def _flag(target: str, on_value) -> Callable[[Any, dict], dict]:
     return lambda value, cfg: {target: on_value} if value else {}
 
 
-def _per_epoch(target: str, steps: str) -> Callable[[Any, dict], dict]:
-    return lambda value, cfg: {target: value, steps: None}
-
-
-def _steps(target: str, per_epoch: str) -> Callable[[Any, dict], dict]:
-    return lambda value, cfg: {target: value, per_epoch: None}
+def _instead_of(target: str, other: str) -> Callable[[Any, dict], dict]:
+    """`target` set, its alternative `other` (steps vs per epoch) cleared: params take one of the two."""
+    return lambda value, cfg: {target: value, other: None}
 
 
 def _base_model(value, cfg: dict) -> dict:
     out = {"base.model": value}
-    if HUB_ID.match(value) and not Path(value).exists():  # a hub id must be pinned: main until the user does
+    if HUB_ID.match(value):  # a hub id must be pinned: main until the user does (check refuses it for a folder)
         out["base.revision"] = cfg.get("revision_of_model") or "main"
     return out
 
 
 def _bnb_config(value, cfg: dict) -> dict:
-    return {f"quant.{k}": v for k, v in value.items() if k.startswith("bnb_4bit_")}
+    dropped = sorted(k for k in value if not k.startswith("bnb_4bit_"))
+    if dropped:
+        raise Unsupported(f"{', '.join(dropped)}: only the bnb_4bit_* options of a 4-bit base are available")
+    return {f"quant.{k}": v for k, v in value.items()}
 
 
 def _seed(value, cfg: dict) -> dict:
@@ -193,9 +195,9 @@ def _data_files(value, entry: dict) -> dict:
 
 
 def _special_tokens(value, cfg: dict) -> dict:
-    others = sorted(set(value) - set(SPECIAL_TOKENS))
+    others = sorted(set(value) - set(SPECIAL_TOKEN_ROLES))
     if others:
-        raise Unsupported(f"special_tokens {', '.join(others)}: available: {', '.join(SPECIAL_TOKENS)}")
+        raise Unsupported(f"special_tokens {', '.join(others)}: available: {', '.join(SPECIAL_TOKEN_ROLES)}")
     return {"base.special_tokens": dict(value)}
 
 
@@ -253,7 +255,7 @@ KEYS: dict[str, Rule] = {
     "excess_length_strategy": Rule(TRANSLATED, "tokenize.excess_length", "raise -> error", _excess),
     # quantization and adapter
     "adapter": Rule(TRANSLATED, "quant.load_in_4bit", "qlora: 4-bit base; lora: 16/32-bit base", _adapter),
-    "load_in_4bit": same("quant.load_in_4bit"),
+    "load_in_4bit": Rule(MAPPED, "quant.load_in_4bit", "read with adapter when set", _load_in_4bit),
     "load_in_8bit": unsupported("an 8-bit base is not available; nearest: adapter qlora (4-bit) or lora (16-bit)"),
     "bnb_config_kwargs": Rule(
         MAPPED, "quant.bnb_4bit_*", "bnb_4bit_* entries to the same names under quant", _bnb_config
@@ -305,19 +307,19 @@ KEYS: dict[str, Rule] = {
     "torch_compile": ignored(SPEED_ONLY),
     "torch_compile_backend": ignored(SPEED_ONLY),
     "plugins": ignored(f"Liger kernels, Cut Cross Entropy and the like: {SPEED_ONLY}"),
-    "eval_steps": Rule(MAPPED, "train.eval_steps", "", _steps("train.eval_steps", "train.evals_per_epoch")),
-    "save_steps": Rule(MAPPED, "train.save_steps", "", _steps("train.save_steps", "train.saves_per_epoch")),
+    "eval_steps": Rule(MAPPED, "train.eval_steps", "", _instead_of("train.eval_steps", "train.evals_per_epoch")),
+    "save_steps": Rule(MAPPED, "train.save_steps", "", _instead_of("train.save_steps", "train.saves_per_epoch")),
     "evals_per_epoch": Rule(
         TRANSLATED,
         "train.evals_per_epoch",
-        "steps from the packed data size at train time",
-        _per_epoch("train.evals_per_epoch", "train.eval_steps"),
+        PER_EPOCH,
+        _instead_of("train.evals_per_epoch", "train.eval_steps"),
     ),
     "saves_per_epoch": Rule(
         TRANSLATED,
         "train.saves_per_epoch",
-        "steps from the packed data size at train time",
-        _per_epoch("train.saves_per_epoch", "train.save_steps"),
+        PER_EPOCH,
+        _instead_of("train.saves_per_epoch", "train.save_steps"),
     ),
     "logging_steps": same("train.logging_steps"),
     "loss_watchdog_threshold": same("train.loss_watchdog_threshold"),
@@ -393,8 +395,12 @@ DATASET_KEYS: dict[str, Rule] = {
     "shards_idx": same("shards_idx"),
     "weight": same("weight", "training copies per record, drawn after the split (not in Axolotl itself)"),
 }
-DATASET_TYPES = {"alpaca": "alpaca", "chat_template": "chat_template", "completion": "completion"}
-DATASET_TYPES["alpaca_w_system.load_instruct"] = "alpaca"
+DATASET_TYPES = {
+    "alpaca": "alpaca",
+    "alpaca_w_system.load_instruct": "alpaca",
+    "chat_template": "chat_template",
+    "completion": "completion",
+}
 
 
 # ---- importing -----------------------------------------------------------------------------------------
@@ -418,10 +424,14 @@ def translate(cfg: dict) -> tuple[dict, list[Row]]:
     out: dict[str, Any] = {}
     rows: list[Row] = []
     for key, value in cfg.items():
-        if _empty(value) and key != "adapter":
-            rows.append(Row(key, value, IGNORED, "", "empty: unset, as Axolotl reads it"))
+        if _empty(value):
+            if key != "adapter":  # an unset adapter gets its own row below
+                rows.append(Row(key, value, IGNORED, "", "empty: unset, as Axolotl reads it"))
             continue
         if key in ("datasets", "test_datasets"):
+            if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+                rows.append(Row(key, value, UNSUPPORTED, "", "not a list of dataset mappings"))
+                continue
             out[f"data.{key}"], more = _datasets(key, value)
             rows.append(Row(key, f"{len(value)} entries", MAPPED, f"data.{key}", ""))
             rows += more
@@ -491,30 +501,26 @@ def _dataset_key(key: str, value, rule: Rule, ds: dict) -> None:
                 f"dataset type {value!r} is not available ({', '.join(DATASET_TYPES)}); written as "
                 "chat_template, the nearest for message lists: check the data's layout"
             )
-    elif rule.target.startswith("message_property_mappings."):
-        ds.setdefault("message_property_mappings", {"role": "role", "content": "content"})
-        ds["message_property_mappings"][rule.target.split(".")[1]] = value
+    elif rule.target.startswith("message_property_mappings"):  # the mapping, or one of its older spellings
+        new = dict(value) if key == rule.target else {rule.target.rpartition(".")[2]: value}
+        given = ds.get("message_property_mappings", {})
+        clash = sorted(k for k in new.keys() & given.keys() if new[k] != given[k])
+        if clash:
+            raise Unsupported(f"contradicts the other spelling for {', '.join(clash)} (Axolotl refuses it too)")
+        ds["message_property_mappings"] = {**given, **new}
     else:
         ds[rule.target] = value
 
 
-def defaults() -> dict:
-    """Every params key at reprotune's documented default (not the shipped params.yaml's tuning)."""
-    from reprotune.config.check import fill_defaults, schema
-
-    filled = fill_defaults({}, schema())
-    return {f"{s}.{k}": v for s in SECTION_TYPES for k, v in filled[s].items()}
-
-
 def params_from(cfg: dict) -> tuple[dict, list[Row]]:
-    """The params (nested dict) for an Axolotl config, and the table."""
+    """The params (nested dict) for an Axolotl config, and the table: every key at reprotune's documented
+    default (not the shipped params.yaml's tuning), then the translated values."""
     values, rows = translate(cfg)
-    flat = defaults() | values
-    nested: dict[str, dict] = {}
-    for dotted, value in flat.items():
+    params = fill_defaults({}, schema())
+    for dotted, value in values.items():
         section, key = dotted.split(".", 1)
-        nested.setdefault(section, {})[key] = value
-    return nested, rows
+        params[section][key] = value
+    return params, rows
 
 
 # ---- writing and reporting -----------------------------------------------------------------------------
@@ -534,8 +540,8 @@ def render(params: dict, template: Path) -> str:
     doc = ryaml.load(template.read_text())
     for section, values in params.items():
         for key, value in values.items():
-            if _plain(doc[section].get(key)) != value:
-                doc[section][key] = _styled(value, flow=key != "datasets")
+            if doc[section].get(key) != value:  # ruamel's round-trip types compare equal to plain ones
+                doc[section][key] = _styled(value, flow=key not in ("datasets", "test_datasets"))
     buffer = io.StringIO()
     ryaml.dump(doc, buffer)
     return buffer.getvalue()
@@ -546,15 +552,6 @@ def _float(value: float) -> str:
     text = repr(value)
     mantissa, e, exponent = text.partition("e")
     return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
-
-
-def _plain(value):
-    """ruamel's round-trip types as plain dicts, lists and scalars, for comparison."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _styled(value, flow: bool):
@@ -637,7 +634,8 @@ def write_key_map(readme: Path) -> None:
     block = re.compile(r"(<!-- axolotl-key-map:start[^>]*-->\n)(.*?)(\n<!-- axolotl-key-map:end -->)", re.S)
     if not block.search(text):
         raise SystemExit(f"{readme}: no axolotl-key-map markers")
-    readme.write_text(block.sub(lambda m: m.group(1) + key_map_markdown() + m.group(3), text))
+    with atomic_file(readme) as f:
+        f.write(block.sub(lambda m: m.group(1) + key_map_markdown() + m.group(3), text))
 
 
 if __name__ == "__main__":  # python -m reprotune.axolotl [README.md]: print the key map, or rewrite it there

@@ -77,6 +77,12 @@ def added_record(tokenizer, before: int, rows: dict[str, int]) -> dict:
     return {"added_tokens": dict(zip(tokenizer.convert_ids_to_tokens(list(ids)), ids)), "embedding_rows": rows}
 
 
+def matches(name: str, entries: list[str]) -> bool:
+    """Whether module `name` is named by an entry, fully or as a dotted suffix (peft's matching rule for
+    target_modules, modules_to_save and trainable_token_indices)."""
+    return any(name == entry or name.endswith("." + entry) for entry in entries)
+
+
 def added_token_ids(base_dir: Path) -> list[int]:
     """The ids the base stage added to the vocabulary (sorted), from models/base's provenance; [] when none."""
     path = Path(base_dir) / PROVENANCE_FILE

@@ -99,16 +99,15 @@ from reprotune.config import Params
 from reprotune.errors import BadInput
 from reprotune.hardware import DTYPE_NAMES, cuda_supports_bf16, device_type, peak_rss_bytes, release_freed_memory
 from reprotune.io import write_json
-from reprotune.loading import copy_tokenizer_files, is_tokenizer_file, read_config, stored_dtype
+from reprotune.loading import copy_tokenizer_files, is_tokenizer_file, matches, read_config, stored_dtype
 from reprotune.packed import read_val_sequences
 from reprotune.quant import quantized_names, round_trip, training_compute_dtype
-from reprotune.tensors import natural_key, read_index, read_tensor, write_safetensors
+from reprotune.tensors import INDEX_NAME, WEIGHTS_NAME, natural_key, read_index, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
 
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 NOISE_MARGIN = 2.0  # x peft's own merge noise (see Verification above)
-WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 ADAPTER_PREFIX = "base_model.model."  # peft's prefix on every saved adapter tensor
 # Files of the base folder not copied as they are: weights are rewritten, config.json gets the new
@@ -241,7 +240,10 @@ def read_adapter(adapter_dir: Path) -> Adapter:
             base_layers[key[: -len(BASE_LAYER)] + ".weight"] = tensor
         elif key.endswith(TOKEN_ROWS):
             module = key[: -len(TOKEN_ROWS)]
-            rows[f"{module}.weight"] = (_token_ids(module, token_indices), tensor)
+            ids = _token_ids(module, token_indices)
+            if tensor.shape[0] != len(ids):  # refused here, before a shard is written
+                raise ValueError(f"adapter token rows of {module!r}: {tensor.shape[0]} rows for {len(ids)} token ids")
+            rows[f"{module}.weight"] = (ids, tensor)
         elif suffix is None:
             replacements[key] = tensor  # a modules_to_save copy, saved under the base tensor's name
         else:
@@ -256,7 +258,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
 def _token_ids(module: str, token_indices: dict[str, list[int]]) -> list[int]:
     """The token ids of `module`'s saved rows: the trainable_token_indices entry naming it (fully or as a
     dotted suffix, peft's rule)."""
-    ids = [v for k, v in token_indices.items() if module == k or module.endswith("." + k)]
+    ids = [v for k, v in token_indices.items() if matches(module, [k])]
     if len(ids) != 1:
         raise ValueError(f"adapter token rows of {module!r}: {len(ids)} trainable_token_indices entries name it")
     return ids[0]

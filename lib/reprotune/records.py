@@ -63,6 +63,11 @@ class DatasetEntry:
     roles_to_train: tuple[str, ...] | None
     train_on_eos: str | None
 
+    @classmethod
+    def of(cls, ds, test: bool) -> DatasetEntry:
+        """The entry of params dataset `ds` (a config DatasetConfig), from data.test_datasets or not."""
+        return cls(ds.path, test, ds.weight, ds.roles_to_train, ds.train_on_eos)
+
 
 def write_datasets(path: Path, entries: list[DatasetEntry]) -> None:
     text = json.dumps([asdict(e) for e in entries], indent=2, sort_keys=True) + "\n"
@@ -92,10 +97,6 @@ class RecordsWriter:
 
     def __exit__(self, *exc) -> None:
         self._writer.close()
-
-
-def count_records(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
 
 
 def iter_record_batches(path: Path, batch_size: int) -> Iterator[tuple[int, list[dict]]]:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+# Hugging Face's names for a one-file checkpoint and for the index of a sharded one.
+WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
              "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip

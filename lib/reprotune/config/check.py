@@ -23,6 +23,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from reprotune.config.datafiles import folder_data_files, pattern_files
 from reprotune.config.sections import DATA_FORMATS, Params, build_params, canonical_type
 from reprotune.errors import BadInput
 
@@ -33,7 +34,6 @@ BUILTIN_MAX_POSITIONS = {"builtin:tiny-llama": 2048}
 BUILTIN_MODELS = tuple(BUILTIN_MAX_POSITIONS)
 LOCAL_MODELS_DIR = "models/local"  # the base stage's declared dependency in dvc.yaml
 DATA_DIRS = ("data/raw", "data/sample")  # the validate stage's declared dependencies in dvc.yaml
-DATA_SUFFIXES = tuple(DATA_FORMATS)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TYPE_FIELDS = {
     "alpaca": ("field_instruction", "field_input", "field_output", "field_system"),
@@ -320,36 +320,38 @@ def _source_problems(ds: dict, path: str, root: Path) -> Iterator[Problem]:
     """A dataset's path is a data file, a folder of them (data_files), or a hub id (name, data_files)."""
     source = ds["path"]
     local = root / source
-    if local.exists() and not any(_is_under(local, root / d) for d in DATA_DIRS):
+    if not local.exists():
+        if local.suffix.lower() in DATA_FORMATS or not HUB_ID.match(source):
+            yield Problem(f"{path}.path", f"got {_show(source)}; file does not exist")
+        elif ds.get("ds_type") is not None:
+            yield Problem(f"{path}.ds_type", "applies to local files only; the hub dataset says its own format")
+        return
+    if not any(_is_under(local, root / d) for d in DATA_DIRS):
         yield Problem(
             f"{path}.path",
             f"got {_show(source)}; local data must lie under "
             f"{' or '.join(d + '/' for d in DATA_DIRS)} (the validate stage's declared "
             "dependencies, so edits rerun it)",
         )
-    if local.exists() and ds.get("name") is not None:
+    if ds.get("name") is not None:
         yield Problem(f"{path}.name", "applies to hub datasets only; this path is local")
-    if local.is_file():
-        if ds.get("data_files") is not None:
-            yield Problem(f"{path}.data_files", "applies to a folder or a hub dataset; this path is a file")
-        if ds.get("ds_type") is None and local.suffix.lower() not in DATA_SUFFIXES:
-            yield Problem(
-                f"{path}.path",
-                f"got {_show(source)}; unknown file type, allowed: {', '.join(DATA_SUFFIXES)} (or set ds_type)",
-            )
-    elif local.exists():
+    if local.is_dir():
         yield from _folder_problems(local, ds.get("data_files"), path, root)
-    elif local.suffix.lower() in DATA_SUFFIXES or not HUB_ID.match(source):
-        yield Problem(f"{path}.path", f"got {_show(source)}; file does not exist")
-    elif ds.get("ds_type") is not None:
-        yield Problem(f"{path}.ds_type", "applies to local files only; the hub dataset says its own format")
+        return
+    if ds.get("data_files") is not None:
+        yield Problem(f"{path}.data_files", "applies to a folder or a hub dataset; this path is a file")
+    if ds.get("ds_type") is None and local.suffix.lower() not in DATA_FORMATS:
+        yield Problem(
+            f"{path}.path",
+            f"got {_show(source)}; unknown file type, allowed: {', '.join(DATA_FORMATS)} (or set ds_type)",
+        )
 
 
 def _folder_problems(folder: Path, patterns: list | None, path: str, root: Path) -> Iterator[Problem]:
     """A dataset folder must hold data files; each data_files pattern must match some, inside the folder."""
     if patterns is None:
-        if not any(f.is_file() and f.suffix.lower() in DATA_SUFFIXES for f in folder.rglob("*")):
-            yield Problem(f"{path}.path", f"folder holds no data file ({', '.join(DATA_SUFFIXES)})")
+        if not folder_data_files(folder):
+            yield Problem(f"{path}.path", f"folder holds no data file ({', '.join(DATA_FORMATS)})")
         return
     for j, pattern in enumerate(patterns):
         where = f"{path}.data_files[{j}]"
@@ -357,7 +359,7 @@ def _folder_problems(folder: Path, patterns: list | None, path: str, root: Path)
             yield Problem(where, f"got {_show(pattern)}; a name or glob inside the folder (no absolute path, no ..)")
             continue
         try:
-            matches = [f for f in folder.glob(pattern) if f.is_file()]
+            matches = pattern_files(folder, pattern)
         except (ValueError, NotImplementedError) as e:
             yield Problem(where, f"got {_show(pattern)}; not a valid glob pattern ({e})")
             continue

@@ -57,6 +57,13 @@ DATA_FORMATS = {
 
 # Named chat templates the base stage can put into the tokenizer (model/chat_templates.py holds their text).
 CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral_v1", "gemma", "phi_3", "qwen_25")
+# Axolotl's chat_template values (jinja aside): the tokenizer's own, a named one, or the tokenizer's own if any
+CHAT_TEMPLATES = (
+    "tokenizer_default",
+    *CHAT_TEMPLATE_NAMES,
+    *(f"tokenizer_default_fallback_{n}" for n in CHAT_TEMPLATE_NAMES),
+)
+SPECIAL_TOKEN_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 @dataclass(frozen=True)
@@ -73,21 +80,13 @@ class BaseConfig:
     gguf_dtype: str = key("fp32", choices=("fp32", "bf16", "fp16"))
     """GGUF bases only: dtype of the dequantized weights. fp32 keeps the dequantized values exactly; bf16
     halves the size (for 7B+ models)."""
-    chat_template: str = key(
-        "tokenizer_default",
-        choices=(
-            "tokenizer_default",
-            *CHAT_TEMPLATE_NAMES,
-            *(f"tokenizer_default_fallback_{n}" for n in CHAT_TEMPLATE_NAMES),
-            "jinja",
-        ),
-    )
+    chat_template: str = key("tokenizer_default", choices=(*CHAT_TEMPLATES, "jinja"))
     """The chat template written into the base tokenizer, as Axolotl names them: tokenizer_default (its own),
     a named one, tokenizer_default_fallback_<name> (its own if any, else the named one), or jinja
     (chat_template_jinja)."""
     chat_template_jinja: str | None = key(None, minLength=1)
     """The template text when chat_template is jinja."""
-    special_tokens: dict[str, str] = key({}, keys=("bos_token", "eos_token", "pad_token", "unk_token"))
+    special_tokens: dict[str, str] = key({}, keys=SPECIAL_TOKEN_ROLES)
     """Special-token roles (Axolotl's special_tokens): a token the vocabulary has, or a new one, added as a
     special token (the embeddings grow, see tokens). A new eos_token also stops generation."""
     tokens: tuple[str, ...] = key((), uniqueItems=True, items={"minLength": 1})

@@ -2,7 +2,9 @@
 or the hub; a dataset is one file, a folder's files (data_files), or a hub dataset (name, data_files), and
 optionally one shard of it (shards, shards_idx).
 
-Every reader streams (memory stays flat for multi-GB files) and never raises on a single bad line:
+Every reader streams (memory stays flat for multi-GB files; a shard is the exception: it reads the dataset
+twice, once to count its rows, and holds the shard's records to put them in shard order) and never raises
+on a single bad line:
 an undecodable or unparsable line comes back as a RawRecord with `error` set, so validate can keep
 it as a reject. A whole file that cannot be read (missing, empty, not JSON at all) raises DataError.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from reprotune.config.datafiles import folder_data_files, pattern_files
 from reprotune.config.sections import DATA_FORMATS, DatasetConfig
 from reprotune.errors import BadInput
 
@@ -40,10 +43,6 @@ class RawRecord:
     """(reason code, detail) when the line could not be parsed."""
     raw_text: str | None = None
     """The line's text for unparsable lines (non-UTF-8 bytes shown as \\x escapes)."""
-
-
-# Files datasets' save_to_disk writes beside the data: metadata, never records.
-DATASETS_METADATA = frozenset({"dataset_info.json", "state.json", "dataset_dict.json"})
 
 
 def read_dataset(ds: DatasetConfig, root: Path, seed: int) -> Iterator[RawRecord]:
@@ -81,14 +80,10 @@ def data_files(folder: Path, patterns: tuple[str, ...] | None) -> list[Path]:
     """The files of a dataset folder: each pattern's matches in sorted order (a file once), or every file of
     a known format under the folder, sorted."""
     if patterns is None:
-        return sorted(
-            f
-            for f in folder.rglob("*")
-            if f.is_file() and f.suffix.lower() in DATA_FORMATS and f.name not in DATASETS_METADATA
-        )
+        return folder_data_files(folder)
     files: dict[Path, None] = {}
     for pattern in patterns:
-        matches = sorted(f for f in folder.glob(pattern) if f.is_file())
+        matches = pattern_files(folder, pattern)
         if not matches:
             raise DataError(f"{folder.name}: data_files pattern {pattern!r} matches no file in the folder")
         files.update(dict.fromkeys(matches))
@@ -113,16 +108,11 @@ def read_file(path: Path, source: str, ds_type: str | None, field_text: str = "t
 def read_jsonl(path: Path, source: str) -> Iterator[RawRecord]:
     """JSON Lines, read as bytes so a non-UTF-8 line is a reject, not a crash. BOM and CRLF accepted."""
     parsed = failed = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM) :]
-            if not raw.strip():
-                continue  # blank lines are layout, not records
-            item = _parse_line(raw, source, number)
-            parsed += item.error is None
-            failed += item.error is not None
-            yield item
+    for number, raw in _lines(path):
+        item = _parse_line(raw, source, number)
+        parsed += item.error is None
+        failed += item.error is not None
+        yield item
     if parsed == 0:
         raise DataError(
             f"{source}: no JSON records found"
@@ -130,12 +120,27 @@ def read_jsonl(path: Path, source: str) -> Iterator[RawRecord]:
         )
 
 
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of each non-blank line (blank lines are layout, not records), read as
+    bytes so a non-UTF-8 line is a reject, not a crash; a BOM opening the file is dropped."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(BOM)
+            if raw.strip():
+                yield number, raw
+
+
+def _not_utf8(raw: bytes, source: str, number: int, e: UnicodeDecodeError) -> RawRecord:
+    shown = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
+    return RawRecord(source, number, None, ("invalid_utf8", f"not valid UTF-8 at byte {e.start}"), shown)
+
+
 def _parse_line(raw: bytes, source: str, number: int) -> RawRecord:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        shown = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
-        return RawRecord(source, number, None, ("invalid_utf8", f"not valid UTF-8 at byte {e.start}"), shown)
+        return _not_utf8(raw, source, number, e)
     try:
         return RawRecord(source, number, json.loads(text))
     except json.JSONDecodeError as e:
@@ -173,11 +178,7 @@ def read_parquet(path: Path, source: str) -> Iterator[RawRecord]:
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
         raise DataError(f"{source}: not a Parquet file ({e})") from None
-    row = 0
-    for batch in table.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            row += 1
-            yield RawRecord(source, row, record)
+    yield from _rows(table.iter_batches(batch_size=4096), source)
 
 
 def read_csv(path: Path, source: str) -> Iterator[RawRecord]:
@@ -194,16 +195,14 @@ def read_csv(path: Path, source: str) -> Iterator[RawRecord]:
 
 
 def read_text(path: Path, source: str, field: str) -> Iterator[RawRecord]:
-    """Plain text, one record {field: line} per non-blank line (the line's end removed)."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield RawRecord(source, number, {field: raw.decode("utf-8").rstrip("\r\n")})
-            except UnicodeDecodeError as e:
-                shown = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
-                yield RawRecord(source, number, None, ("invalid_utf8", f"not valid UTF-8 at byte {e.start}"), shown)
+    """Plain text, one record {field: line} per non-blank line (the line's end removed). BOM accepted."""
+    for number, raw in _lines(path):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield _not_utf8(raw, source, number, e)
+        else:
+            yield RawRecord(source, number, {field: text.rstrip("\r\n")})
 
 
 def read_arrow(path: Path, source: str) -> Iterator[RawRecord]:
@@ -218,8 +217,13 @@ def read_arrow(path: Path, source: str) -> Iterator[RawRecord]:
         except pa.ArrowInvalid as e:
             raise DataError(f"{source}: not an Arrow IPC file or stream ({e})") from None
         reader = (file.get_batch(i) for i in range(file.num_record_batches))
+    yield from _rows(reader, source)
+
+
+def _rows(batches, source: str) -> Iterator[RawRecord]:
+    """The records of Arrow record batches, row = 1-based row number."""
     row = 0
-    for batch in reader:
+    for batch in batches:
         for record in batch.to_pylist():
             row += 1
             yield RawRecord(source, row, record)

@@ -85,9 +85,9 @@ def _chat(record: dict, ds: DatasetConfig) -> dict:
     aliases = {**KNOWN_ROLE_ALIASES, **{a.lower(): role for role, names in ds.roles.items() for a in names}}
     keys = ds.message_property_mappings
     out = [_message(m, i, keys.role, keys.content, aliases) for i, m in enumerate(messages, start=1)]
-    if ds.drop_system_message and out[0]["role"] == "system":
-        out = out[1:]
-    for i, m in enumerate(out[1:], start=2):
+    dropped = ds.drop_system_message and out[0]["role"] == "system"
+    out = out[dropped:]
+    for i, m in enumerate(out[1:], start=2 + dropped):  # numbered as in the record
         if m["role"] == "system":
             raise RecordError("misplaced_system", f"message {i}: a system message may only come first")
     if not any(m["role"] == "assistant" for m in out):

@@ -61,7 +61,8 @@ def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
     by path) and per_test_source (data.test_datasets, when any)."""
     cfg, root = params.data, inputs.repo_root
     datasets = [(ds, True) for ds in cfg.test_datasets] + [(ds, False) for ds in cfg.datasets]
-    total, per_source = Counts(), {}
+    total = Counts()
+    per_source: dict[bool, dict[str, Counts]] = {False: {}, True: {}}  # from test_datasets? -> path -> counts
     with (
         RecordsWriter(out_dir / RECORDS) as writer,
         open(out_dir / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rejects,
@@ -69,7 +70,7 @@ def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
     ):
         sink = _Sink(writer, rejects, duplicates, cfg.on_invalid, cfg.dedup)
         for index, (ds, test) in enumerate(datasets):
-            counts = per_source.setdefault((test, ds.path), Counts())
+            counts = per_source[test].setdefault(ds.path, Counts())
             log.info("validating %s (%s%s)", ds.path, ds.type, ", validation set" if test else "")
             kept = counts.kept
             records = read_dataset(ds, root, params.tokenize.seed)
@@ -78,21 +79,14 @@ def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
             if test and counts.kept == kept:
                 raise DataError(f"data.test_datasets[{index}] ({ds.path}): no valid record: an empty validation set")
         sink.flush()
-    write_datasets(out_dir / DATASETS, [_entry(ds, test) for ds, test in datasets])
-    for counts in per_source.values():
+    write_datasets(out_dir / DATASETS, [DatasetEntry.of(ds, test) for ds, test in datasets])
+    for counts in [*per_source[False].values(), *per_source[True].values()]:
         for name in ("read", "kept", "rejected", "duplicates"):
             setattr(total, name, getattr(total, name) + getattr(counts, name))
         total.by_reason.update(counts.by_reason)
     assert total.read == total.kept + total.rejected + total.duplicates, total  # counts must balance
-    by_group = {
-        group: {path: c.as_dict() for (test, path), c in per_source.items() if test == (group == "per_test_source")}
-        for group in ("per_source", "per_test_source")
-    }
-    return {**total.as_dict(), **{group: sources for group, sources in by_group.items() if sources}}
-
-
-def _entry(ds, test: bool) -> DatasetEntry:
-    return DatasetEntry(ds.path, test, ds.weight, ds.roles_to_train, ds.train_on_eos)
+    groups = {"per_source": per_source[False], "per_test_source": per_source[True]}
+    return {**total.as_dict(), **{g: {p: c.as_dict() for p, c in s.items()} for g, s in groups.items() if s}}
 
 
 class _Sink:
@@ -118,7 +112,7 @@ class _Sink:
         row["id"] = record_id(row)
         key = bytes.fromhex(row["id"])
         first = self.seen.get(key)
-        if first is not None and (self.dedup or first[2]):
+        if first is not None and (self.dedup or (first[2] and not test)):  # dedup off: only training copies
             counts.duplicates += 1
             _write_line(
                 self.duplicates, {"source": raw.source, "line": raw.line, "duplicate_of": f"{first[0]}:{first[1]}"}

@@ -32,6 +32,7 @@ from reprotune.loading import PROVENANCE_FILE, TOKENIZER_FILES
 from reprotune.model.builtin import build_tiny_llama
 from reprotune.model.chat_templates import apply_tokenizer_params
 from reprotune.model.gguf_base import convert_gguf
+from reprotune.tensors import INDEX_NAME
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-llama": build_tiny_llama}
 
@@ -40,7 +41,7 @@ LOCAL_PATTERNS = [
     "config.json",
     "generation_config.json",
     "*.safetensors",
-    "model.safetensors.index.json",
+    INDEX_NAME,
     *TOKENIZER_FILES,
 ]
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.jinja", "*.tiktoken",
@@ -77,7 +78,7 @@ def resolve_base(params: Params, inputs: BaseInputs, out_dir: Path) -> dict[str,
         prov = _from_hub(model, revision, out_dir, trust_remote_code)
     prov["trust_remote_code"] = bool(trust_remote_code)
     tokenizer = apply_tokenizer_params(
-        out_dir, cfg.chat_template, cfg.chat_template_jinja, cfg.special_tokens, cfg.tokens
+        out_dir, cfg.chat_template, cfg.chat_template_jinja, cfg.special_tokens, cfg.tokens, trust_remote_code
     )
     if tokenizer:
         prov["tokenizer"] = tokenizer

@@ -30,6 +30,8 @@ from reprotune.io import write_json
 from reprotune.loading import added_record
 from reprotune.model.vocab import grow_embeddings
 
+DROPPED_TOKENIZER_KEYS = ("name_or_path", "is_local", "local_files_only")
+
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -98,18 +100,25 @@ def chosen_template(choice: str, own: str | None, jinja: str | None) -> str | No
 
 
 def apply_tokenizer_params(
-    out_dir: Path, chat_template: str, jinja: str | None, special_tokens: dict, tokens: tuple[str, ...] = ()
+    out_dir: Path,
+    chat_template: str,
+    jinja: str | None,
+    special_tokens: dict,
+    tokens: tuple[str, ...] = (),
+    trust_remote_code: bool = False,
 ) -> dict:
     """Rewrite the tokenizer in `out_dir` as base.chat_template / base.special_tokens / base.tokens say, growing
     the embeddings for new tokens; returns what was done (for the provenance record). Nothing is written when
-    all are at their defaults."""
+    the tokenizer stays as it is (all at their defaults, or a fallback template where it has its own)."""
     from transformers import AutoTokenizer
 
     if chat_template == "tokenizer_default" and not special_tokens and not tokens:
         return {}  # a tokenizer without a template is fine until a chat record needs one (tokenize says so)
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=trust_remote_code)
     done: dict = {"chat_template": chat_template}
     template = chosen_template(chat_template, tokenizer.chat_template, jinja)
+    if template is None and not special_tokens and not tokens:
+        return done
     if template is not None:
         tokenizer.chat_template = template
     before = len(tokenizer)
@@ -118,12 +127,23 @@ def apply_tokenizer_params(
         done["special_tokens"] = dict(sorted(special_tokens.items()))
     if tokens:
         done["tokens"] = list(tokens)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     if len(tokenizer) > before:
         done |= added_record(tokenizer, before, grow_embeddings(out_dir, len(tokenizer)))
     if "eos_token" in special_tokens:
         _add_stop_token(out_dir, tokenizer.eos_token_id)
     return done
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """save_pretrained, less the loader's record of where it read from (a path, this machine's hub
+    settings), which would differ between machines and reach the published model."""
+    tokenizer.save_pretrained(out_dir)
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    values = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in DROPPED_TOKENIZER_KEYS:
+        values.pop(key, None)
+    write_json(config_path, values)
 
 
 def add_to_vocabulary(tokenizer, special_tokens: dict, tokens: tuple[str, ...]) -> None:

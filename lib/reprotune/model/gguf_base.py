@@ -44,7 +44,8 @@ from typing import Any
 from reprotune.errors import BadInput
 from reprotune.io import sha256_file, sha256_tree, write_json
 from reprotune.llama_cpp import GGUFUnsupported, pre_tokenizer_name, probe_hash
-from reprotune.tensors import natural_key, write_safetensors
+from reprotune.model.chat_templates import save_tokenizer
+from reprotune.tensors import WEIGHTS_NAME, natural_key, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ SUPPORTED_TOKENIZERS = ("gpt2",)  # llama.cpp's name for byte-level BPE
 GGUF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # The loader's record of where it read from: paths and this machine's hub settings, not the model.
 DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path")
-DROPPED_TOKENIZER_KEYS = ("name_or_path", "is_local", "local_files_only")
-WEIGHTS_NAME = "model.safetensors"
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -163,12 +162,7 @@ def write_tokenizer(tokenizer, out_dir: Path, meta: dict[str, Any]) -> None:
     context = next((v for k, v in meta.items() if k.endswith(".context_length")), None)
     if context:
         tokenizer.model_max_length = int(context)
-    tokenizer.save_pretrained(out_dir)
-    config_path = Path(out_dir) / "tokenizer_config.json"
-    values = json.loads(config_path.read_text(encoding="utf-8"))
-    for key in DROPPED_TOKENIZER_KEYS:
-        values.pop(key, None)
-    write_json(config_path, values)
+    save_tokenizer(tokenizer, out_dir)
 
 
 def write_generation_config(meta: dict[str, Any], out_dir: Path) -> None:

@@ -35,9 +35,8 @@ import torch
 from reprotune.errors import BadInput
 from reprotune.io import atomic_files, write_json
 from reprotune.loading import read_config
-from reprotune.tensors import TensorRef, read_index, read_tensor, write_safetensors
+from reprotune.tensors import INDEX_NAME, TensorRef, read_index, read_tensor, write_safetensors
 
-INDEX_NAME = "model.safetensors.index.json"
 MEAN_BLOCK_ROWS = 4096  # rows summed per step: bounds the float64 copy, fixes the summation order
 
 

@@ -59,7 +59,6 @@ from reprotune.records import (
     DATASETS,
     RECORDS,
     DatasetEntry,
-    count_records,
     iter_record_batches,
     read_datasets,
     record_datasets,
@@ -206,9 +205,11 @@ def record_copies(dataset: np.ndarray, in_val: np.ndarray, entries: list[Dataset
 
 
 def weight_figures(dataset: np.ndarray, in_val: np.ndarray, copies: np.ndarray, entries: list[DatasetEntry]) -> dict:
-    """Per weighted dataset: its weight, training records before weighting, and after (copies)."""
+    """Per weighted dataset, by path (a path listed twice, e.g. two shards of one file, also names the
+    entry's index in datasets.json): its weight, training records before weighting, and after (copies)."""
+    listed = Counter(e.path for e in entries)
     return {
-        entry.path: {
+        entry.path if listed[entry.path] == 1 else f"{entry.path} [{index}]": {
             "weight": entry.weight,
             "train_records": int(((dataset == index) & ~in_val).sum()),
             "train_copies": int(copies[dataset == index].sum()),
@@ -309,8 +310,8 @@ def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir, data
     an index without an entry is a plain dataset."""
     records_path, out_dir = Path(records_path), Path(out_dir)
     encoder = PromptEncoder(tokenizer, cfg, chat_masking(datasets, cfg))
-    n_records = count_records(records_path)
     dataset = record_datasets(records_path)  # (records,) int32
+    n_records = dataset.size
     if datasets and dataset.size and dataset.max() >= len(datasets):
         raise TokenizeError(
             f"records name dataset {dataset.max()}; datasets.json lists {len(datasets)}: rerun validate"

@@ -305,15 +305,17 @@ class PromptEncoder:
                 "tokenize.roles_to_train or use train_on_inputs"
             )
         trailer = probe[at + len(SENTINEL) :]
-        stop = end - len(trailer) if full[:end].endswith(trailer) else eot[0] if eot else end
+        stop = end - len(trailer) if full.endswith(trailer, 0, end) else eot[0] if eot else end
         return at, max(at, stop)
 
     def _end_of_turn(self, full: str, start: int, end: int) -> tuple[int, int] | None:
         """Characters of the special token that closes the turn full[start:end] (whitespace the template
         writes after it stays untrained: generation stops at the token), or None if none does."""
         kept = full[start:end].rstrip()
-        closing = next((s for s in self.specials if kept.endswith(s)), None)
-        return (start + len(kept) - len(closing), start + len(kept)) if closing else None
+        if not kept.endswith(self.specials):  # one test over all of them (Llama-3 has 256) before the search
+            return None
+        closing = next(s for s in self.specials if kept.endswith(s))  # the longest that closes it
+        return start + len(kept) - len(closing), start + len(kept)
 
 
 def _trains_end_of_turn(train_on_eos: str, i: int, trained: list[int]) -> bool:

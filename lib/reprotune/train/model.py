@@ -30,7 +30,7 @@ from pathlib import Path
 from reprotune.config.sections import LoraConfig, QuantConfig, TrainConfig
 from reprotune.errors import BadInput
 from reprotune.hardware import Capabilities
-from reprotune.loading import added_token_ids
+from reprotune.loading import added_token_ids, matches
 from reprotune.quant import load_kwargs
 
 
@@ -107,19 +107,13 @@ def token_rows(model, targets: list[str], saved: list[str], ids: list[int]) -> d
     return rows or None
 
 
-def matches(name: str, entries: list[str]) -> bool:
-    """Whether module `name` is named by an entry, fully or as a dotted suffix (peft's matching rule)."""
-    return any(name == entry or name.endswith("." + entry) for entry in entries)
-
-
 def check_untied(model, entries: list[str], key: str) -> None:
     """With tied embeddings (tie_word_embeddings: one matrix is both the input embedding and the output head)
     an adapter or a trained copy of either would update one use and not the other in training, then both in
     the merged checkpoint, which stores the matrix once: the shipped model would not be the trained one."""
     if not model.config.get_text_config().tie_word_embeddings:
         return
-    tied = {output_head_name(model)}
-    tied |= {name for name, m in model.named_modules() if m is model.get_input_embeddings()}
+    tied = {output_head_name(model), module_name(model, model.get_input_embeddings())}
     for entry in entries:
         if any(matches(name, [entry]) for name in tied):
             raise BadInput(
@@ -159,7 +153,7 @@ def check_names(model, entries: list[str], key: str) -> None:
     params (exit 2), found only once the model is loaded."""
     names = [name for name, _ in model.named_modules()]
     for entry in entries:
-        if not any(name == entry or name.endswith("." + entry) for name in names):
+        if not any(matches(name, [entry]) for name in names):
             raise BadInput(
                 f"{key}: {entry!r} matches no module of the base model "
                 f"(linear layers: {', '.join(linear_leaf_names(model, output_head_name(model)))})"

@@ -120,11 +120,12 @@ def per_epoch_intervals(cfg: TrainConfig, train_rows: int, world_size: int) -> T
     """`cfg` with eval_steps and save_steps in steps: Axolotl's evals_per_epoch / saves_per_epoch are
     turned into steps from the packed train split, as the Trainer counts an epoch's optimizer steps."""
     micro_batches = math.ceil(train_rows / (cfg.micro_batch_size * world_size))
-    steps_per_epoch = max(1, micro_batches // cfg.gradient_accumulation_steps)
+    # the Trainer's count: a last, partial accumulation is a step of its own
+    steps_per_epoch = max(1, math.ceil(micro_batches / cfg.gradient_accumulation_steps))
     every = {}
     for steps, per_epoch in (("eval_steps", "evals_per_epoch"), ("save_steps", "saves_per_epoch")):
-        if getattr(cfg, per_epoch) is not None:
-            every[steps] = max(1, steps_per_epoch // getattr(cfg, per_epoch))
+        if getattr(cfg, per_epoch) is not None:  # rounded up, as Axolotl's fraction of max_steps is
+            every[steps] = max(1, math.ceil(steps_per_epoch / getattr(cfg, per_epoch)))
     # a stage may declare the section key by key, and then `cfg` is a read-only view: copy it out
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**fields | every)
