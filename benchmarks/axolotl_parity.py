@@ -50,19 +50,38 @@ except ImportError:  # running from a checkout without an install: use lib/
 from fixtures.axolotl_parity import (
     DATASETS,
     GOLDEN_ROWS,
+    RENDER_GOLDEN,
     REPO,
+    TEMPLATE_GOLDEN_ROWS,
+    TEMPLATE_PREFIX,
     axolotl_config,
     classify,
     first_difference,
     golden_path,
     model_folder,
     reprotune_side,
+    template_comparisons,
 )
+from fixtures.make_tokenize_fixtures import load_tokenizer
+
+# Template files Axolotl 0.19 ships whose names its config schema (the ChatTemplate enum) does not accept
+NOT_NAMED_BY_AXOLOTL = ("phi_4",)
+
+
+def axolotl_templates(axolotl: Path) -> Path:
+    """The folder of Axolotl's template files in its venv (`axolotl` is its console script)."""
+    where = "import os, axolotl.utils.chat_templates as m; print(os.path.dirname(m.__file__))"
+    python = axolotl.parent / "python"
+    folder = subprocess.run([str(python), "-c", where], capture_output=True, text=True).stdout.strip()
+    return Path(folder) / "templates"
 
 
 def axolotl_side(axolotl: Path, model_dir: Path, dataset: str, work: Path) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) of every row `axolotl preprocess` writes for the dataset, in its order."""
     config = axolotl_config(dataset)
+    if config["chat_template"] in NOT_NAMED_BY_AXOLOTL:  # its file, given as Axolotl's jinja
+        config["chat_template_jinja"] = (axolotl_templates(axolotl) / f"{config['chat_template']}.jinja").read_text()
+        config["chat_template"] = "jinja"
     config["base_model"] = str(model_dir)
     config["datasets"] = [{**entry, "path": str(REPO / entry["path"])} for entry in config["datasets"]]
     config |= {"dataset_prepared_path": str(work / "prepared"), "output_dir": str(work / "out")}
@@ -79,45 +98,89 @@ def axolotl_side(axolotl: Path, model_dir: Path, dataset: str, work: Path) -> li
     return [(list(r["input_ids"]), list(r["labels"])) for r in rows]
 
 
-def render(tokenizer, messages: list[dict], template: str, generation: bool) -> str:
-    """The rendered text, or the template's refusal (both templates must refuse the same conversations)."""
-    import jinja2
+# Rendered in Axolotl's venv, by Axolotl's own lookup of a template name (get_chat_template) and its
+# transformers: reads {"model": folder, "names": [...], "cases": [[messages, add_generation_prompt], ...]} on
+# stdin, writes {name: [render or "<refused>", ...]}.
+AXOLOTL_RENDER = """
+import json, sys, jinja2
+from transformers import AutoTokenizer
+from axolotl.utils.chat_templates import get_chat_template
+job = json.load(sys.stdin)
+tokenizer = AutoTokenizer.from_pretrained(job["model"])
+out = {}
+for name in job["names"]:
+    template = get_chat_template(name)
+    out[name] = []
+    for messages, generation in job["cases"]:
+        try:
+            out[name].append(tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=generation))
+        except jinja2.TemplateError:
+            out[name].append("<refused>")
+print(json.dumps(out))
+"""
 
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=generation
-        )
-    except jinja2.TemplateError:
-        return "<refused>"
 
-
-def template_parity(axolotl_python: Path, tokenizer) -> int:
-    """Render the shipped conversations (and each with a system message, where the template has a system
-    role) with reprotune's named templates and with Axolotl's files of the same names; return the number
-    of renders that differ."""
+def render_cases() -> list[tuple[list[dict], bool]]:
+    """The shipped conversations as they are, each with a system message where it has none, and each
+    without its last answer behind a generation prompt."""
     from reprotune.data.rules import KNOWN_ROLE_ALIASES
-    from reprotune.model.chat_templates import NAMED_TEMPLATES
 
-    where = "import os, axolotl.utils.chat_templates as m; print(os.path.dirname(m.__file__))"
-    folder = Path(subprocess.run([str(axolotl_python), "-c", where], capture_output=True, text=True).stdout.strip())
     lines = (REPO / "data/sample/chat.jsonl").read_text().splitlines()[:200]
     conversations = [
         [{"role": KNOWN_ROLE_ALIASES[m["from"]], "content": m["value"]} for m in json.loads(line)["conversations"]]
         for line in lines
     ]
+    cases = [(c, False) for c in conversations] + [(c[:-1], True) for c in conversations]
+    system = {"role": "system", "content": "Answer briefly."}
+    return cases + [([system, *c], False) for c in conversations if c[0]["role"] != "system"]
+
+
+def ours(tokenizer, name: str, cases: list) -> list[str]:
+    import jinja2
+
+    from reprotune.model.chat_templates import named_template
+
+    out = []
+    for messages, generation in cases:
+        try:
+            out.append(
+                tokenizer.apply_chat_template(
+                    messages, chat_template=named_template(name), tokenize=False, add_generation_prompt=generation
+                )
+            )
+        except jinja2.TemplateError:
+            out.append("<refused>")
+    return out
+
+
+def template_parity(axolotl_python: Path, model_dir: Path, tokenizer, write_golden: bool) -> int:
+    """Render the cases with reprotune's named templates here and with Axolotl's templates of the same names
+    in Axolotl's venv; print the equal counts per template; return the number of renders that differ."""
+    from reprotune.config.sections import CHAT_TEMPLATE_NAMES
+
+    cases = render_cases()
+    job = json.dumps({"model": str(model_dir), "names": list(CHAT_TEMPLATE_NAMES), "cases": cases})
+    run = subprocess.run([str(axolotl_python), "-c", AXOLOTL_RENDER], input=job, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"rendering in Axolotl's venv failed:\n{run.stderr[-3000:]}")
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
     differ = 0
-    print(f"\n{'template':<12} {'renders':>8} {'equal':>6}")
-    for name, ours in NAMED_TEMPLATES.items():
-        theirs = (folder / "templates" / f"{name}.jinja").read_text()
-        cases = [(c, False) for c in conversations] + [(c[:-1], True) for c in conversations]
-        if name not in ("gemma",):  # gemma has no system role
-            cases += [([{"role": "system", "content": "Answer briefly."}, *c], False) for c in conversations]
-        equal = 0
-        for messages, generation in cases:
-            rendered = [render(tokenizer, messages, template, generation) for template in (ours, theirs)]
-            equal += rendered[0] == rendered[1]
+    print(f"\n{'template':<20} {'renders':>8} {'equal':>6} {'refused':>8}")
+    for name in CHAT_TEMPLATE_NAMES:
+        mine = ours(tokenizer, name, cases)
+        equal = sum(a == b for a, b in zip(mine, theirs[name]))
         differ += len(cases) - equal
-        print(f"{name:<12} {len(cases):>8} {equal:>6}")
+        print(f"{name:<20} {len(cases):>8} {equal:>6} {theirs[name].count('<refused>'):>8}")
+    if write_golden:  # the first cases of each kind: plain, generation prompt, system added
+        picks = [0, 1, 12, 200, 212, 400, 401]  # 12: a conversation with its own system message
+        golden = {
+            "axolotl": "0.19.0",
+            "cases": [cases[i] for i in picks],
+            "renders": {name: [theirs[name][i] for i in picks] for name in CHAT_TEMPLATE_NAMES},
+        }
+        RENDER_GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        RENDER_GOLDEN.write_text(json.dumps(golden, indent=0, ensure_ascii=False) + "\n")
     return differ
 
 
@@ -126,6 +189,9 @@ def main() -> int:
     parser.add_argument("--axolotl-python", type=Path, required=True, help="python of the venv Axolotl is in")
     parser.add_argument("--tokenizers", nargs="+", default=["builtin", "llama_spm"])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument(
+        "--templates", action="store_true", help="also each named chat template's comparison (builtin tokenizer)"
+    )
     parser.add_argument("--write-golden", action="store_true", help=f"keep Axolotl's first {GOLDEN_ROWS} rows")
     args = parser.parse_args()
     axolotl = args.axolotl_python.parent / "axolotl"
@@ -137,7 +203,8 @@ def main() -> int:
         for name in args.tokenizers:
             model_dir = model_folder(name, Path(tmp))
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            for dataset in args.datasets:
+            comparisons = args.datasets + (template_comparisons() if args.templates and name == "builtin" else [])
+            for dataset in comparisons:
                 work = Path(tmp) / f"{name}-{dataset}"
                 work.mkdir()
                 ours = reprotune_side(tokenizer, dataset)
@@ -160,14 +227,18 @@ def main() -> int:
                 if first:
                     print("  first unexpected difference:\n" + first)
                 if args.write_golden:
-                    rows = [{"input_ids": ids, "labels": labels} for ids, labels in theirs[:GOLDEN_ROWS]]
+                    keep = TEMPLATE_GOLDEN_ROWS if dataset.startswith(TEMPLATE_PREFIX) else GOLDEN_ROWS
+                    rows = [{"input_ids": ids, "labels": labels} for ids, labels in theirs[:keep]]
                     golden_path(name, dataset).parent.mkdir(parents=True, exist_ok=True)
                     text = json.dumps({"axolotl": "0.19.0", "rows": rows}, separators=(",", ":"))
                     golden_path(name, dataset).write_text(text.replace('},{"input_ids"', '},\n{"input_ids"') + "\n")
-    print(f"unexpected differences: {unexpected_total}")
-    from fixtures.make_tokenize_fixtures import load_tokenizer
-
-    renders_differ = template_parity(args.axolotl_python, load_tokenizer("builtin"))
+        print(f"unexpected differences: {unexpected_total}")
+        renders_differ = template_parity(
+            args.axolotl_python,
+            model_folder("builtin", Path(tmp) / "render"),
+            load_tokenizer("builtin"),
+            args.write_golden,
+        )
     print(f"named chat templates: {renders_differ} renders differ from Axolotl's")
     return 1 if unexpected_total or renders_differ else 0
 

@@ -1,17 +1,21 @@
 """Named chat templates and special tokens, written into the base tokenizer by the base stage
-(model/chat_templates.py). The texts below are what Axolotl 0.19's templates of the same names render
-(benchmarks/axolotl_parity.py compares all of them on the sample conversations: 3,400 renders, all equal)."""
+(model/chat_templates.py). Every template Axolotl 0.19 ships renders as Axolotl renders it: pinned here by
+Axolotl's own renders (tests/fixtures/axolotl/parity/templates/renders.json, written by
+benchmarks/axolotl_parity.py --write-golden, which compares all of them on the sample conversations)."""
 
 import json
 
+import jinja2
 import pytest
+from conftest import REPO
 
 from reprotune.config.sections import CHAT_TEMPLATE_NAMES
 from reprotune.model.base import BaseInputs, resolve_base
-from reprotune.model.chat_templates import NAMED_TEMPLATES
+from reprotune.model.chat_templates import named_template
 from reprotune.tokenize.templates import PromptEncoder
 
 from fixtures import make_tokenize_fixtures as fx
+from fixtures.axolotl_parity import RENDER_GOLDEN
 from helpers import params_with
 
 TURNS = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
@@ -33,17 +37,32 @@ def tok():
     return fx.load_tokenizer("builtin")
 
 
-def test_params_accept_exactly_the_named_templates():
-    assert tuple(NAMED_TEMPLATES) == CHAT_TEMPLATE_NAMES == tuple(RENDERED)
+def test_params_accept_exactly_the_template_files():
+    folder = REPO / "lib/reprotune/model/templates"
+    assert sorted(p.stem for p in folder.glob("*.jinja")) == sorted(CHAT_TEMPLATE_NAMES)
+    assert len(CHAT_TEMPLATE_NAMES) == 36  # every one Axolotl 0.19 ships
 
 
-@pytest.mark.parametrize("name", CHAT_TEMPLATE_NAMES)
+@pytest.mark.parametrize("name", sorted(RENDERED))
 def test_named_template_renders_and_masks(tok, name):
-    assert tok.apply_chat_template(TURNS, chat_template=NAMED_TEMPLATES[name], tokenize=False) == RENDERED[name]
-    tok.chat_template = NAMED_TEMPLATES[name]
+    assert tok.apply_chat_template(TURNS, chat_template=named_template(name), tokenize=False) == RENDERED[name]
+    tok.chat_template = named_template(name)
     [seq] = PromptEncoder(tok, fx.BASE_CFG).encode([fx.chat(("user", "Hi?"), ("assistant", "Hello."))]).sequences
     trained = tok.decode([t for t, label in zip(seq.input_ids, seq.labels()) if label != -100])
     assert trained.startswith("Hello.") and "Hi?" not in trained
+
+
+@pytest.mark.parametrize("name", CHAT_TEMPLATE_NAMES)
+def test_every_named_template_renders_as_axolotls(tok, name):
+    golden = json.loads(RENDER_GOLDEN.read_text())
+    for (messages, generation), theirs in zip(golden["cases"], golden["renders"][name], strict=True):
+        try:
+            ours = tok.apply_chat_template(
+                messages, chat_template=named_template(name), tokenize=False, add_generation_prompt=generation
+            )
+        except jinja2.TemplateError:
+            ours = "<refused>"
+        assert ours == theirs
 
 
 def base(tmp_path, **changes) -> tuple[dict, object]:
@@ -56,7 +75,7 @@ def base(tmp_path, **changes) -> tuple[dict, object]:
 
 def test_base_stage_writes_the_named_template_and_special_tokens(tmp_path):
     prov, tokenizer = base(tmp_path, chat_template="llama3", special_tokens={"eos_token": "<|im_end|>"})
-    assert tokenizer.chat_template == NAMED_TEMPLATES["llama3"] and tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.chat_template == named_template("llama3") and tokenizer.eos_token == "<|im_end|>"
     assert prov["tokenizer"] == {"chat_template": "llama3", "special_tokens": {"eos_token": "<|im_end|>"}}
     stops = json.loads((tmp_path / "base/generation_config.json").read_text())["eos_token_id"]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops  # generation stops at the new EOS too

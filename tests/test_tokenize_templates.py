@@ -228,17 +228,29 @@ def test_chat_span_ending_inside_a_multibyte_character():
     assert [tok.decode(r) for r in runs(seq)] == ["ok 😀"]
 
 
-def test_chat_template_that_is_not_prefix_stable_is_refused():
+def test_chat_template_that_renders_by_position_is_masked_as_rendered():
+    # the last message gets a marker the earlier ones do not (as Qwen 3 writes a thinking block on the last
+    # answer only): rendering a prefix would not give a prefix of the whole, the sentinel in place does
     tok = copy.deepcopy(fx.load_tokenizer("builtin"))
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}<END>{% endif %}{% endfor %}"
-    with pytest.raises(TokenizeError, match=r"fixtures.jsonl:1: chat template of .*builtin.* differently"):
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}<think></think>{% endif %}"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    [seq] = encode(tok, [fx.CONVERSATION]).sequences
+    assert [tok.decode(r) for r in runs(seq)] == ["Paris.<|im_end|>", "Rome, of course.<|im_end|>"]
+
+
+def test_content_the_template_rewrites_is_refused():
+    tok = copy.deepcopy(fx.load_tokenizer("builtin"))
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}</s>{% endfor %}"
+    with pytest.raises(TokenizeError, match=r"fixtures.jsonl:1: chat template of .*'assistant' message's content"):
         encode(tok, [fx.CONVERSATION])
 
 
-def test_role_folded_into_another_turn_is_refused():
-    tok = fx.load_tokenizer("llama_spm")  # the [INST] template renders system only inside a user turn
-    with pytest.raises(TokenizeError, match="'system' message"):
-        encode(tok, [fx.CONVERSATION], roles_to_train=("system", "assistant"))
+def test_role_folded_into_another_turn_is_found_in_place():
+    tok = fx.load_tokenizer("llama_spm")  # the [INST] template renders system only inside the first user turn
+    [seq] = encode(tok, [fx.CONVERSATION], roles_to_train=("system", "assistant")).sequences
+    assert [tok.decode(r) for r in runs(seq)] == ["Answer briefly.", "Paris.</s>", "Rome, of course.</s>"]
 
 
 def test_tokenizer_without_chat_template_is_refused():

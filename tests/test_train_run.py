@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from reprotune import testing as synthetic
 from reprotune.io import sha256_tree
@@ -21,6 +23,9 @@ from reprotune.train.run import TrainInputs
 from helpers import SHIPPED, params_with
 
 REPO = Path(__file__).resolve().parents[1]
+NEEDS_TORCHAO = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="torchao is not installed (the lowbit extra)"
+)
 PARAMS = SHIPPED
 SEQUENCE_LEN = 128
 # 5 optimizer steps of 2 rows x 2 micro-batches over ~20 packed rows: one epoch, checked below
@@ -159,9 +164,14 @@ def test_warmup_from_ratio_or_steps(ratio, steps, expected):
         ("adamw_torch", ("torch", 32, False)),
         ("adamw_bnb_8bit", ("bitsandbytes", 8, False)),
         ("paged_adamw_8bit", ("bitsandbytes", 8, True)),
+        ("paged_adamw_32bit", ("bitsandbytes", 32, True)),
+        ("adamw_torch_fused", ("torch", 32, False)),
+        pytest.param("adamw_torch_8bit", ("torchao", 32, False), marks=NEEDS_TORCHAO),
+        pytest.param("adamw_torch_4bit", ("torchao", 32, False), marks=NEEDS_TORCHAO),
     ],
 )
 def test_optimizer_choice(tmp_path, tiny, seqs, optimizer, kind):
+    """Each of Axolotl's usual optimizers is the Trainer's, from its library, and takes a step on CPU."""
     root = project(tmp_path, tiny, seqs)
     params = params_with(quant={"load_in_4bit": False}, train={**FAST, "optimizer": optimizer})
     caps = run_module.capabilities(params)
@@ -173,6 +183,79 @@ def test_optimizer_choice(tmp_path, tiny, seqs, optimizer, kind):
     bnb_args = getattr(opt, "args", None)
     got = (type(opt).__module__.split(".")[0], getattr(bnb_args, "optim_bits", 32), getattr(opt, "is_paged", False))
     assert got == kind
+    assert bool(opt.defaults.get("fused")) == optimizer.endswith("_fused")
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
+    batch = next(iter(trainer.get_train_dataloader()))
+    model(**batch).loss.backward()
+    opt.step()
+    moved = [n for n, p in model.named_parameters() if n in lora and not torch.equal(p.detach(), lora[n])]
+    assert len(moved) == len(lora) > 0
+
+
+def test_adam_hyperparameters_reach_the_optimizer(tmp_path, tiny, seqs):
+    root = project(tmp_path, tiny, seqs)
+    train_cfg = {**FAST, "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6, "eval_batch_size": 5}
+    params = params_with(quant={"load_in_4bit": False}, train=train_cfg)
+    caps = run_module.capabilities(params)
+    model = run_module.load_trainable(root / "models/base", params.quant, params.lora, params.train, caps, "sdpa")
+    args = run_module.training_arguments(params.train, caps, tmp_path / "ckpt", True, True)
+    assert args.per_device_eval_batch_size == 5 and args.per_device_train_batch_size == 2
+    rows, val = (run_module.PackedRows(root / "data/packed", split) for split in ("train", "val"))
+    trainer = run_module._trainer(model, args, rows, val, True, params.train, "fp", root / "dvclive")
+    opt = trainer.create_optimizer()
+    assert (opt.defaults["betas"], opt.defaults["eps"]) == ((0.8, 0.95), 1e-6)
+
+
+def test_an_optimizer_whose_package_is_missing_exits_2_before_loading(tmp_path, monkeypatch):
+    import importlib.util
+
+    from reprotune.errors import BadInput
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(BadInput, match=r"train.optimizer: adamw_torch_8bit needs the torchao package.*\[lowbit\]"):
+        run_module.train(params_with(train={"optimizer": "adamw_torch_8bit"}), TrainInputs.under(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "scheduler, floor, first_after_warmup, last",
+    [
+        ("cosine", 0.1, 1.0, 0.1),  # Axolotl's cosine_min_lr_ratio: (1 - r) * cosine + r
+        ("cosine", None, 1.0, 0.0),
+        ("constant_with_warmup", None, 1.0, 1.0),
+        ("polynomial", None, 1.0, 1e-7 / 1e-3),  # the Trainer's: power 1 down to 1e-7
+    ],
+)
+def test_schedules(scheduler, floor, first_after_warmup, last):
+    import torch
+
+    cfg = dataclasses.replace(
+        PARAMS.train,
+        lr_scheduler=scheduler,
+        cosine_min_lr_ratio=floor,
+        learning_rate=1e-3,
+        warmup_ratio=None,
+        warmup_steps=2,
+    )
+    args = run_module.training_arguments(cfg, run_module.capabilities(PARAMS), Path("unused"), False, True)
+    from transformers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = get_scheduler(
+        args.lr_scheduler_type,
+        opt,
+        num_warmup_steps=2,
+        num_training_steps=10,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    rates = []
+    for _ in range(10):
+        rates.append(sched.get_last_lr()[0] / 1e-3)
+        opt.step()
+        sched.step()
+    rates.append(sched.get_last_lr()[0] / 1e-3)
+    assert rates[0] == 0 and rates[2] == pytest.approx(first_after_warmup)
+    assert rates[-1] == pytest.approx(last, abs=1e-9)
 
 
 def test_loss_watchdog_needs_consecutive_logs_and_survives_a_resume():
@@ -205,3 +288,20 @@ def test_per_epoch_intervals_become_steps_from_the_packed_split():
     assert (resolved.eval_steps, resolved.save_steps) == (13, 51)
     assert per_epoch_intervals(cfg, train_rows=201, world_size=2).eval_steps == 7  # 51 micro-batches, 26 steps
     assert per_epoch_intervals(SHIPPED.train, train_rows=201, world_size=1) == SHIPPED.train  # steps given: kept
+
+
+def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny, seqs):
+    """Too large a step makes the validation loss rise: training stops after `patience` evaluations
+    without a lower one, and the adapter is the best evaluation's, the same as a run stopped there."""
+    steady = {**FAST, "lr_scheduler": "constant", "warmup_ratio": None, "learning_rate": 0.05, "num_epochs": 3}
+    steady |= {"eval_steps": 1, "save_steps": 1, "logging_steps": 1, "loss_watchdog_threshold": None}
+    params = params_with(quant={"load_in_4bit": False}, train={**steady, "early_stopping_patience": 2})
+    stopped = train(params, project(tmp_path / "stopped", tiny, seqs))["early_stopping"]
+    planned = 3 * math.ceil(len(run_module.PackedRows(tmp_path / "stopped/data/packed", "train")) / (2 * 2))
+    assert stopped["stopped_early"] and stopped["last_step"] == stopped["best_step"] + 2 < planned
+    at_best = params_with(quant={"load_in_4bit": False}, train={**steady, "max_steps": stopped["best_step"]})
+    train(at_best, project(tmp_path / "at_best", tiny, seqs))
+    weights = [
+        (tmp_path / run / "models/adapter/adapter_model.safetensors").read_bytes() for run in ("stopped", "at_best")
+    ]
+    assert weights[0] == weights[1]

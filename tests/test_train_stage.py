@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -113,8 +114,19 @@ def start_and_kill_after_first_checkpoint(root: Path) -> None:
     assert proc.wait() == -signal.SIGKILL
 
 
-def test_killed_run_resumes_to_the_same_adapter_and_curves(tmp_path, tiny):
-    killed = project(tmp_path / "killed", tiny, train=RESUMABLE)
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "adamw_torch",
+        "adamw_bnb_8bit",  # 8-bit: its quantized states resume too
+        pytest.param(
+            "adamw_torch_8bit",
+            marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed"),
+        ),
+    ],
+)
+def test_killed_run_resumes_to_the_same_adapter_and_curves(tmp_path, tiny, optimizer):
+    killed = project(tmp_path / "killed", tiny, train={**RESUMABLE, "optimizer": optimizer})
     start_and_kill_after_first_checkpoint(killed)
     assert not (killed / "models/adapter").exists()
     ckpts = killed / "checkpoints/train"
@@ -128,7 +140,7 @@ def test_killed_run_resumes_to_the_same_adapter_and_curves(tmp_path, tiny):
 
     resumed = stage(killed)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = project(tmp_path / "straight", tiny, train=RESUMABLE)
+    straight = project(tmp_path / "straight", tiny, train={**RESUMABLE, "optimizer": optimizer})
     assert stage(straight).returncode == 0
 
     m_resumed, m_straight = (json.loads((r / "metrics/train.json").read_text()) for r in (killed, straight))

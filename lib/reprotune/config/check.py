@@ -1,6 +1,8 @@
 """Checking params.yaml: every problem at once, each with its key path, the bad value and what is allowed.
 
 Order of work (all pure, no torch, so `reprotune check` answers in well under a second):
+  0. numbers as YAML 1.1 leaves them: `2e-5` (no dot) is a string to PyYAML, a number to YAML 1.2 (DVC)
+     and to Axolotl; where the schema takes a number, a string that spells one is that number;
   1. unknown keys (typos), each with the nearest valid key suggested;
   2. JSON Schema (types, ranges, allowed values) from params.schema.json;
   3. defaults filled in from the schema;
@@ -109,6 +111,7 @@ def check_params(raw: dict, repo_root: Path = Path(".")) -> tuple[dict, list[Pro
     Cross-field rules run even when keys are bad: those keys fall back to their defaults for the
     rules, so one run reports every problem in the file.
     """
+    raw = numbers_from_strings(raw, schema())
     unknown = list(unknown_keys(raw, schema(), ()))
     invalid = schema_problems(raw)
     usable = _without(raw, [where for where, _ in unknown + invalid])
@@ -116,6 +119,34 @@ def check_params(raw: dict, repo_root: Path = Path(".")) -> tuple[dict, list[Pro
     problems = [p for _, p in unknown] + [p for _, p in invalid]
     problems += cross_field_problems(usable, filled, repo_root)
     return filled, problems
+
+
+# -- 0. numbers written as YAML 1.1 reads them ------------------------------------------------
+
+# A number as YAML 1.2 and Python write it: 2e-5, 1E3, .5, -3, 1_000 is not one
+_INTEGER = re.compile(r"[-+]?[0-9]+")
+_NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def numbers_from_strings(value: Any, node: dict) -> Any:
+    """A copy of `value` in which a string that spells a number, where the schema `node` takes a number
+    (or an integer, and the string spells a whole one), is that number. Anything else is left for the
+    schema to report, with its key path."""
+    node = _resolve(node)
+    if isinstance(value, dict) and "properties" in node:
+        props = node["properties"]
+        return {k: numbers_from_strings(v, props[k]) if k in props else v for k, v in value.items()}
+    if isinstance(value, list) and "items" in node:
+        return [numbers_from_strings(item, node["items"]) for item in value]
+    if isinstance(value, str):
+        kinds = node.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        text = value.strip()
+        if "integer" in kinds and _INTEGER.fullmatch(text):
+            return int(text)
+        if "number" in kinds and _NUMBER.fullmatch(text):
+            return float(text)
+    return value
 
 
 # -- 1. unknown keys --------------------------------------------------------------------------
@@ -252,6 +283,11 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
             yield Problem(
                 f"train.{per_epoch}", f"set exactly one of train.{steps} and train.{per_epoch}, the other null"
             )
+    if train["cosine_min_lr_ratio"] is not None and train["lr_scheduler"] != "cosine":
+        yield Problem(
+            "train.cosine_min_lr_ratio", f"applies to lr_scheduler cosine only; lr_scheduler is {train['lr_scheduler']}"
+        )
+    yield from _early_stopping_problems(train, tok, p["data"])
     if train["bf16"] is True and train["fp16"]:
         yield Problem("train.fp16", "bf16: true and fp16: true are exclusive; choose one")
     if lora["target_linear"] and lora["target_modules"] is not None:
@@ -263,6 +299,29 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
             "export.formats",
             f"got {_show(p['export']['formats'])}; safetensors is always "
             "exported, list it (gguf is the optional extra)",
+        )
+
+
+def _early_stopping_problems(train: dict, tok: dict, data: dict) -> Iterator[Problem]:
+    """Early stopping watches the validation loss and keeps the best checkpoint's adapter (as Axolotl does):
+    it needs a validation split, and a checkpoint at every evaluation that can be the best."""
+    if train["early_stopping_patience"] is None:
+        return
+    if tok["val_set_size"] == 0 and not data["test_datasets"]:
+        yield Problem(
+            "train.early_stopping_patience",
+            "needs a validation split: set tokenize.val_set_size above 0 or data.test_datasets",
+        )
+    if train["eval_steps"] is None or train["save_steps"] is None:
+        yield Problem(
+            "train.early_stopping_patience",
+            "needs train.eval_steps and train.save_steps in steps (not per epoch), save_steps a multiple of eval_steps",
+        )
+    elif train["save_steps"] % train["eval_steps"]:
+        yield Problem(
+            "train.save_steps",
+            f"got {train['save_steps']}; with early_stopping_patience it must be a multiple of train.eval_steps "
+            f"({train['eval_steps']}), so the best evaluation has a checkpoint to keep",
         )
 
 

@@ -55,8 +55,46 @@ DATA_FORMATS = {
     ".arrow": "arrow",
 }
 
-# Named chat templates the base stage can put into the tokenizer (model/chat_templates.py holds their text).
-CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral_v1", "gemma", "phi_3", "qwen_25")
+# Named chat templates the base stage can put into the tokenizer: every one Axolotl 0.19 ships, by its names
+# (model/templates/<name>.jinja holds each; a test keeps the two lists equal).
+CHAT_TEMPLATE_NAMES = (
+    "alpaca",
+    "aya",
+    "chatml",
+    "cohere",
+    "command_a",
+    "command_a_rag",
+    "command_a_tool_use",
+    "deepseek_v2",
+    "deepseek_v3",
+    "exaone",
+    "exaone4",
+    "falcon_h1",
+    "gemma",
+    "gemma3",
+    "gemma3n",
+    "gemma4",
+    "gemma4_unified",
+    "jamba",
+    "llama3",
+    "llama3_2_vision",
+    "llama4",
+    "llava",
+    "metharme",
+    "mistral_v1",
+    "mistral_v2v3",
+    "mistral_v3_tekken",
+    "mistral_v7_tekken",
+    "nemotron_h",
+    "phi_3",
+    "phi_35",
+    "phi_4",
+    "pixtral",
+    "qwen2_vl",
+    "qwen3",
+    "qwen3_5",
+    "qwen_25",
+)
 # Axolotl's chat_template values (jinja aside): the tokenizer's own, a named one, or the tokenizer's own if any
 CHAT_TEMPLATES = (
     "tokenizer_default",
@@ -64,6 +102,17 @@ CHAT_TEMPLATES = (
     *(f"tokenizer_default_fallback_{n}" for n in CHAT_TEMPLATE_NAMES),
 )
 SPECIAL_TOKEN_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+# The Trainer's AdamW variants (train.optimizer): torch, bitsandbytes, torchao.
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_torch_8bit",
+    "adamw_torch_4bit",
+)
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial")
 
 
 @dataclass(frozen=True)
@@ -263,6 +312,8 @@ class TrainConfig:
 
     micro_batch_size: int = key(2, minimum=1)
     """Rows (bins) per device per step."""
+    eval_batch_size: int | None = key(None, minimum=1)
+    """Rows per device per evaluation step. null: micro_batch_size."""
     gradient_accumulation_steps: int = key(4, minimum=1)
     """Micro-batches per optimizer step."""
     num_epochs: float = key(1, exclusiveMinimum=0)
@@ -271,8 +322,13 @@ class TrainConfig:
     """Optimizer steps; -1 or 0: use num_epochs."""
     learning_rate: float = key(0.0002, exclusiveMinimum=0, maximum=1)
     """Peak learning rate."""
-    lr_scheduler: str = key("cosine", choices=("cosine", "linear", "constant"))
-    """Decay after warmup."""
+    lr_scheduler: str = key("cosine", choices=LR_SCHEDULERS)
+    """Decay after warmup: cosine (to cosine_min_lr_ratio of the peak, 0 unless set), linear, constant,
+    constant_with_warmup (the same as constant here: warmup is honoured by both), or polynomial (the
+    Trainer's: power 1 down to 1e-7)."""
+    cosine_min_lr_ratio: float | None = key(None, minimum=0, maximum=1)
+    """cosine only: the floor of the decay as a fraction of the peak (Axolotl's key; the Trainer's
+    cosine_with_min_lr). null: decay to 0."""
     warmup_ratio: float | None = key(None, minimum=0, maximum=1)
     """Warmup as a fraction of steps. Exclusive with warmup_steps."""
     warmup_steps: int | None = key(None, minimum=0)
@@ -281,8 +337,17 @@ class TrainConfig:
     """AdamW weight decay on adapter weights."""
     max_grad_norm: float = key(1.0, minimum=0)
     """Gradient clipping norm; 0 disables."""
-    optimizer: str = key("adamw_torch", choices=("adamw_torch", "paged_adamw_8bit", "adamw_bnb_8bit"))
-    """8-bit optimizers save memory on large adapters; adamw_torch is exact and runs everywhere."""
+    optimizer: str = key("adamw_torch", choices=OPTIMIZERS)
+    """AdamW, by the Trainer's names: adamw_torch (exact, runs everywhere), adamw_torch_fused (one kernel per
+    step), adamw_bnb_8bit / paged_adamw_8bit / paged_adamw_32bit (bitsandbytes: 8-bit states, paged to host
+    memory on CUDA), adamw_torch_8bit / adamw_torch_4bit (torchao's low-bit states; the `lowbit` extra).
+    Low-bit states save memory on large adapters at a small cost in exactness."""
+    adam_beta1: float = key(0.9, minimum=0, exclusiveMaximum=1)
+    """AdamW's first-moment decay."""
+    adam_beta2: float = key(0.999, minimum=0, exclusiveMaximum=1)
+    """AdamW's second-moment decay."""
+    adam_epsilon: float = key(1e-08, exclusiveMinimum=0)
+    """AdamW's denominator term."""
     seed: int = key(42, minimum=0)
     """Seed of adapter init, dropout and data order."""
     bf16: str | bool = key("auto", choices=("auto", True, False))
@@ -308,6 +373,10 @@ class TrainConfig:
     """Stop when the training loss stays above this for `loss_watchdog_patience` logs; null disables."""
     loss_watchdog_patience: int = key(3, minimum=1)
     """Consecutive logs above the threshold before stopping."""
+    early_stopping_patience: int | None = key(None, minimum=1)
+    """Stop when the validation loss has not improved for this many evaluations in a row (the Trainer's
+    early stopping); the adapter is the one at the stop, and metrics/train.json says where and why. Needs a
+    validation split. null: train to the end."""
     launcher: str = key("auto", choices=("auto", "python", "accelerate"))
     """auto: accelerate launch when several GPUs are visible, else a plain process."""
 

@@ -2,11 +2,12 @@
 
 Features
 - base.chat_template: `tokenizer_default` (the tokenizer's own; a tokenizer without one is fine until a
-  chat record needs one, which tokenize reports), a named template
-  (Axolotl's names: chatml, llama3, mistral_v1, gemma, phi_3, qwen_25), `tokenizer_default_fallback_<name>`
-  (the tokenizer's own if it has one, else the named one) or `jinja` (base.chat_template_jinja's text).
-  The named templates are written here for text conversations; benchmarks/axolotl_parity.py renders each
-  against Axolotl's file of the same name.
+  chat record needs one, which tokenize reports), a named template (every one Axolotl 0.19 ships: chatml,
+  llama3, llama4, qwen3, gemma3, mistral_v7_tekken, ... config/sections.py lists the 36),
+  `tokenizer_default_fallback_<name>` (the tokenizer's own if it has one, else the named one) or `jinja`
+  (base.chat_template_jinja's text). The named templates are Axolotl's files, kept verbatim in templates/
+  (templates/README.md: where they come from, their licence); benchmarks/axolotl_parity.py renders each
+  against the installed Axolotl's, and tests/fixtures/chat_templates.json pins what each renders.
 - base.special_tokens: bos_token / eos_token / pad_token / unk_token given to a token the vocabulary has
   (Axolotl configs often name the tokenizer's own, or a reserved token as pad) or, as Axolotl does, to a
   new token added as a special token (not normalized, no strip). A new eos_token also becomes a stop token
@@ -18,12 +19,13 @@ Features
   With the defaults nothing is rewritten and models/base is byte for byte what the source gave.
 
 Trade-offs
-- Tool calls and multimodal message parts are not rendered by the named templates (text only).
+- Records are text conversations: a template's tool-call and image branches are kept, unused.
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 from reprotune.io import write_json
@@ -32,58 +34,12 @@ from reprotune.model.vocab import grow_embeddings
 
 DROPPED_TOKENIZER_KEYS = ("name_or_path", "is_local", "local_files_only")
 
-_CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-NAMED_TEMPLATES: dict[str, str] = {
-    "chatml": _CHATML,
-    # Llama 3: BOS once, a header per message, contents trimmed, <|eot_id|> closes each turn
-    "llama3": (
-        "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-        " + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-    ),
-    # Mistral v1: [INST] turns, the system text folded into the first user turn, EOS after each answer
-    "mistral_v1": (
-        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}"
-        "{% for message in turns %}"
-        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('mistral_v1: after an optional system message, roles must alternate user/assistant') }}"
-        "{% endif %}"
-        "{% if message['role'] == 'user' %}"
-        "{% if loop.first and system is defined %}"
-        "{{ ' [INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' }}"
-        "{% else %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
-        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
-    ),
-    # Gemma: no system role; the assistant is `model`; contents trimmed
-    "gemma": (
-        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-        "{{ raise_exception('gemma: the template has no system role (drop_system_message: true)') }}{% endif %}"
-        "{% for message in messages %}"
-        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('gemma: roles must alternate user/assistant') }}{% endif %}"
-        "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n'"
-        " + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-    ),
-    # Phi-3: the assistant header is written after each user turn
-    "phi_3": (
-        "{{ bos_token }}{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '<|end|>\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '<|end|>\\n<|assistant|>\\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ message['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
-    ),
-    # Qwen 2.5: ChatML with Qwen's default system message when the conversation has none
-    "qwen_25": (
-        "{% if messages[0]['role'] != 'system' %}"
-        "{{ '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-        "{% endif %}" + _CHATML
-    ),
-}
+TEMPLATES_DIR = "templates"  # <name>.jinja beside this module, one file per named template
+
+
+def named_template(name: str) -> str:
+    """The text of a named chat template (templates/<name>.jinja, as Axolotl 0.19 ships it)."""
+    return resources.files("reprotune.model").joinpath(TEMPLATES_DIR, f"{name}.jinja").read_text("utf-8")
 
 
 def chosen_template(choice: str, own: str | None, jinja: str | None) -> str | None:
@@ -95,8 +51,8 @@ def chosen_template(choice: str, own: str | None, jinja: str | None) -> str | No
     if choice == "jinja":
         return jinja
     if choice.startswith("tokenizer_default_fallback_"):
-        return None if own else NAMED_TEMPLATES[choice.removeprefix("tokenizer_default_fallback_")]
-    return NAMED_TEMPLATES[choice]
+        return None if own else named_template(choice.removeprefix("tokenizer_default_fallback_"))
+    return named_template(choice)
 
 
 def apply_tokenizer_params(

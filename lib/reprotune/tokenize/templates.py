@@ -13,14 +13,17 @@ Features
 - alpaca, alpaca_format "chat_template": [system?, user: instruction[\\n\\ninput], assistant: output]
   through the chat strategy.
 - chat: any Hugging Face chat template, with no per-template code. The conversation is rendered once;
-  rendering each prefix of it gives each message's character span, and rendering the prefix plus the
-  message with a sentinel as content gives its header (role markers), which stays untrained. A trained
-  turn keeps its end-of-turn tokens (<|im_end|>, </s>); whitespace the template puts after such a
-  special token separates turns and stays untrained (generation stops at the special token).
-  Which turns and end-of-turn tokens carry labels (roles_to_train, train_on_eos) is tokenize's setting
-  unless the record's dataset overrides it (data.datasets[].roles_to_train / train_on_eos).
-  A template that renders a message differently once later messages follow (so prefixes are not
-  prefixes) is refused with an error naming it, never masked by guesswork.
+  a message's content is the part of that render which changes when only its content is replaced by a
+  sentinel, the message kept in its place (as Axolotl 0.19 locates turns). So headers and trailers (role
+  markers, Llama-2's " [/INST]") stay untrained, and a template that renders a turn by its position
+  (Qwen 3's thinking block on the last answer only, Command A, Mistral v2/v3) is masked as rendered.
+  A trained turn keeps its end-of-turn token: the special token right after its content, whitespace
+  aside (<|im_end|>, <|eot_id|>, </s>); whitespace the template puts after it separates turns and stays
+  untrained (generation stops at the special token). Which turns and end-of-turn tokens carry labels
+  (roles_to_train, train_on_eos) is tokenize's setting unless the record's dataset overrides it
+  (data.datasets[].roles_to_train / train_on_eos). A template that rewrites a content (e.g. upper-cases
+  it) is refused with an error naming it, never masked by guesswork; one that drops a message (a system
+  message it has no place for) leaves that message untrained.
 - completion: the raw text then EOS, all trained; a document longer than sequence_len is cut into
   sequence_len chunks, each its own sequence (the BOS only in the first).
 - BOS exactly once, and only where the tokenizer adds one itself (a probe finds what it adds in
@@ -36,9 +39,9 @@ Trade-offs
   apart would give the response a spurious leading space on SentencePiece tokenizers. The cost: a
   token that straddles the prompt/response boundary is trained (never the case after the newline or
   special token that ends every built-in prompt).
-- The chat strategy renders the template about (messages + trained turns) times per conversation:
-  slower than a per-template regex (benchmarks/bench_tokenize.py measures the whole stage against
-  bare tokenization), but right for any template.
+- The chat strategy renders the whole conversation once per message it labels (trained turns, or all
+  with train_on_eos all), plus once: slower than a per-template regex (benchmarks/bench_tokenize.py
+  measures the whole stage against bare tokenization), but right for any template.
 - Text that spells a special token (e.g. "</s>") is read as that special token, as everywhere in
   Hugging Face tokenization by default.
 """
@@ -252,19 +255,18 @@ class PromptEncoder:
             return Rendered(full, [(0, len(full))], add_eos=False, chunk=False)
         roles, train_on_eos = self.masking.get(record.get("dataset"), self.default_masking)
         trained = [i for i, m in enumerate(messages) if m["role"] in roles]
-        last = len(messages) - 1 if train_on_eos == "all" else max(trained, default=-1)
-        spans, start = [], 0
-        for i in range(last + 1):  # turns after the last one with labels need no span
-            end = len(full) if i == len(messages) - 1 else self._prefix_len(messages[: i + 1], full, record)
+        spans = []
+        for i in range(len(messages)):
             if i not in trained and train_on_eos != "all":
-                start = end  # an untrained turn whose end is untrained too: nothing to locate
-                continue
-            eot = self._end_of_turn(full, start, end)  # (a, b) of the closing special token, or None
+                continue  # neither its content nor its end of turn carries a label
+            content = self._content_span(messages, i, full, record)
+            if content is None:
+                continue  # the template does not render this message (e.g. a system message it drops)
             if i in trained:
-                spans.append(self._content_span(messages[:i], messages[i]["role"], full, start, end, eot, record))
+                spans.append(content)
+            eot = self._end_of_turn(full, content[1])
             if eot and _trains_end_of_turn(train_on_eos, i, trained):
                 spans.append(eot)
-            start = end
         return Rendered(full, _merge(spans), add_eos=False, chunk=False)
 
     def _apply(self, messages: list[dict], record: dict) -> str:
@@ -279,43 +281,48 @@ class PromptEncoder:
                 f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} failed: {e}"
             ) from e
 
-    def _prefix_len(self, messages: list[dict], full: str, record: dict) -> int:
-        """Length of the first messages' render, which must be a prefix of the whole render."""
-        text = self._apply(messages, record)
-        if not full.startswith(text):
+    def _content_span(self, messages: list[dict], i: int, full: str, record: dict) -> tuple[int, int] | None:
+        """Characters of message i's content in `full`: the part of the render that changes when only that
+        content is replaced by a sentinel, the message kept in its place (so a template that renders a turn
+        differently by position, e.g. Qwen 3's thinking block on the last answer only, is read as rendered).
+        None when the template does not render the message at all."""
+        probe = self._apply([*messages[:i], {**messages[i], "content": SENTINEL}, *messages[i + 1 :]], record)
+        start = _common_prefix(full, probe, min(len(full), len(probe)))
+        tail = _common_prefix(full[start:][::-1], probe[start:][::-1], min(len(full), len(probe)) - start)
+        if probe.find(SENTINEL, start, len(probe) - tail) < 0:
+            if probe == full:
+                return None
             raise TokenizeError(
                 f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} "
-                f"renders the first {len(messages)} messages differently once later ones follow, so "
-                "turns cannot be located for label masking; use another template or train_on_inputs"
+                f"does not render a {messages[i]['role']!r} message's content as written, so its labels cannot "
+                "be located; remove that role from tokenize.roles_to_train or use train_on_inputs"
             )
-        return len(text)
+        return start, len(full) - tail
 
-    def _content_span(
-        self, before: list[dict], role: str, full: str, start: int, end: int, eot, record: dict
-    ) -> tuple[int, int]:
-        """Characters of the content of the `role` message rendered as full[start:end]: after the template's
-        header, before its trailer (e.g. " [/INST]" after a Llama-2 user turn, which Axolotl leaves untrained
-        too) or, where the trailer is not found in place, before the closing special token `eot`."""
-        probe = self._apply([*before, {"role": role, "content": SENTINEL}], record)
-        at = probe.find(SENTINEL)
-        if at < start or probe[:at] != full[:at]:
-            raise TokenizeError(
-                f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} "
-                f"does not render a {role!r} message as header + content in place; remove {role!r} from "
-                "tokenize.roles_to_train or use train_on_inputs"
-            )
-        trailer = probe[at + len(SENTINEL) :]
-        stop = end - len(trailer) if full.endswith(trailer, 0, end) else eot[0] if eot else end
-        return at, max(at, stop)
-
-    def _end_of_turn(self, full: str, start: int, end: int) -> tuple[int, int] | None:
-        """Characters of the special token that closes the turn full[start:end] (whitespace the template
-        writes after it stays untrained: generation stops at the token), or None if none does."""
-        kept = full[start:end].rstrip()
-        if not kept.endswith(self.specials):  # one test over all of them (Llama-3 has 256) before the search
+    def _end_of_turn(self, full: str, content_end: int) -> tuple[int, int] | None:
+        """Characters of the special token that closes a turn whose content ends at `content_end`: the one
+        right after it, whitespace aside (<|im_end|>, </s>, <|eot_id|>); None where plain text follows (the
+        " [/INST]" after a Llama-2 user turn). Whitespace after the token stays untrained: generation stops
+        at the token."""
+        rest = full[content_end:]
+        at = content_end + len(rest) - len(rest.lstrip())
+        if not full.startswith(self.specials, at):  # one test over all of them (Llama-3 has 256) first
             return None
-        closing = next(s for s in self.specials if kept.endswith(s))  # the longest that closes it
-        return start + len(kept) - len(closing), start + len(kept)
+        closing = next(s for s in self.specials if full.startswith(s, at))  # the longest that matches
+        return at, at + len(closing)
+
+
+def _common_prefix(a: str, b: str, limit: int) -> int:
+    """Length of the longest common prefix of a and b, at most `limit`: a binary search over slice
+    comparisons (memcmp in C), since a character loop in Python costs more than the render it reads."""
+    low, high = 0, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def _trains_end_of_turn(train_on_eos: str, i: int, trained: list[int]) -> bool:

@@ -8,9 +8,11 @@ Features
   position_ids restart per sequence and which has no attention mask; the sequences stay apart
   (flash-attn varlen on GPUs, sdpa run per sequence otherwise: attention.py), proven by a test
   that scores each sequence alone and packed. Unpacked data gets padded batches with masks.
-- Optimisation (run.py): AdamW (torch, bnb 8-bit, paged 8-bit), cosine/linear/constant schedules
-  with warmup by ratio or steps, accumulation, clipping, bf16/fp16 from the hardware, periodic
-  validation loss, gradient checkpointing (non-reentrant).
+- Optimisation (run.py): AdamW by the Trainer's names (torch, fused torch, bitsandbytes 8-bit and
+  paged, torchao 8/4-bit when the lowbit extra is installed) with its betas and epsilon;
+  cosine (with an optional floor), linear, constant and polynomial schedules with warmup by ratio or
+  steps; accumulation, clipping, bf16/fp16 from the hardware, periodic validation loss, early
+  stopping on it (the best evaluation's adapter kept), gradient checkpointing (non-reentrant).
 - Guards (trainer.py, callbacks.py): a loss watchdog and a non-finite-loss check raise
   TrainingStopped; the stage exits 1 with its message. Both agree across DDP processes.
 - Resume (checkpoints.py): see below.

@@ -19,6 +19,7 @@ from pathlib import Path
 from reprotune import layout
 from reprotune.config import Params
 from reprotune.config.sections import SECTION_TYPES, TrainConfig
+from reprotune.errors import BadInput
 from reprotune.hardware import Capabilities, peak_rss_bytes, resolve
 from reprotune.io import write_json
 from reprotune.loading import copy_tokenizer_files
@@ -31,7 +32,15 @@ from reprotune.train.model import load_trainable
 
 SECTIONS = ("quant", "lora", "train")  # the sections this stage reads, whole (see its dvc.yaml entry)
 # transformers' "constant" ignores warmup; "constant_with_warmup" with 0 warmup steps is the same
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+SCHEDULERS = {
+    "cosine": "cosine",
+    "linear": "linear",
+    "constant": "constant_with_warmup",
+    "constant_with_warmup": "constant_with_warmup",
+    "polynomial": "polynomial",
+}
+# optimizers whose states another package keeps, and the extra that installs it
+OPTIMIZER_PACKAGES = {"adamw_torch_8bit": ("torchao", "lowbit"), "adamw_torch_4bit": ("torchao", "lowbit")}
 # padded positions are masked out and carry label -100, so any valid id will do
 PAD_ID = 0
 
@@ -71,6 +80,7 @@ def capabilities(params: Params) -> Capabilities:
 def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
     """Train (resuming from a matching complete checkpoint) and save the adapter into `out_dir`;
     returns the metrics on the main process, None on the others."""
+    require_optimizer(params.train.optimizer)
     manifest = read_manifest(inputs.packed)  # bad data is reported before torch is even imported
     train_rows = PackedRows(inputs.packed, "train")
     val_rows = PackedRows(inputs.packed, "val") if split_files(inputs.packed, "val") else None
@@ -116,6 +126,18 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
     return metrics
 
 
+def require_optimizer(name: str) -> None:
+    """An optimizer whose package is missing is a clear error (exit 2) before any model is loaded."""
+    import importlib.util
+
+    package, extra = OPTIMIZER_PACKAGES.get(name, (None, None))
+    if package and importlib.util.find_spec(package) is None:
+        raise BadInput(
+            f"train.optimizer: {name} needs the {package} package, which is not installed; "
+            f"pip install -c constraints.txt -e '.[{extra}]' (or choose adamw_bnb_8bit: 8-bit states from bitsandbytes)"
+        )
+
+
 def per_epoch_intervals(cfg: TrainConfig, train_rows: int, world_size: int) -> TrainConfig:
     """`cfg` with eval_steps and save_steps in steps: Axolotl's evals_per_epoch / saves_per_epoch are
     turned into steps from the packed train split, as the Trainer counts an epoch's optimizer steps."""
@@ -137,16 +159,19 @@ def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type=SCHEDULERS[cfg.lr_scheduler],
+        **_schedule(cfg),
         warmup_steps=_warmup(cfg),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optimizer,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=caps.bf16,
@@ -163,6 +188,11 @@ def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,  # the newest may be half-written when killed; the one before is complete
+        # early stopping, as Axolotl runs it: on the validation loss, and the best checkpoint's adapter is kept
+        # (the Trainer keeps that checkpoint beside the newest two)
+        metric_for_best_model="eval_loss" if cfg.early_stopping_patience else None,
+        greater_is_better=False if cfg.early_stopping_patience else None,
+        load_best_model_at_end=bool(cfg.early_stopping_patience),
         restore_callback_states_from_checkpoint=True,
         # padding-free rows hold no padding (count them all); padded ones count their attention mask
         include_num_input_tokens_seen="all" if packed else "non_padding",
@@ -172,6 +202,17 @@ def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_
         report_to="none",  # DVCLive is wired in as DvcLiveCurves (resume-safe)
         disable_tqdm=False,
     )
+
+
+def _schedule(cfg: TrainConfig) -> dict:
+    """The Trainer's scheduler arguments; cosine with a floor is its cosine_with_min_lr (the same curve as
+    Axolotl's cosine_min_lr_ratio: (1 - r) * cosine + r)."""
+    if cfg.lr_scheduler == "cosine" and cfg.cosine_min_lr_ratio is not None:
+        return {
+            "lr_scheduler_type": "cosine_with_min_lr",
+            "lr_scheduler_kwargs": {"min_lr_rate": cfg.cosine_min_lr_ratio},
+        }
+    return {"lr_scheduler_type": SCHEDULERS[cfg.lr_scheduler]}
 
 
 def _warmup(cfg: TrainConfig) -> float:
@@ -193,8 +234,11 @@ def _trainer(model, args, train_rows, val_rows, packed: bool, cfg: TrainConfig, 
             cfg.save_steps,
             cfg.logging_steps,
         )
+    from transformers import EarlyStoppingCallback
+
     callbacks = [
         LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience),
+        *([EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []),
         SupervisedTokens(),
         CheckpointMarker(fp),
         LogFinalStep(),
@@ -223,6 +267,26 @@ def _metrics(trainer, run_metrics: dict, resume: Path | None) -> dict:
         "steps": trainer.state.global_step,
         "resumed_from_step": step_of(resume) if resume else 0,
         "train_seconds": seconds,
+        **_early_stopping(trainer),
+    }
+
+
+def _early_stopping(trainer) -> dict:
+    """Where early stopping (if on) stopped, and the step whose adapter was kept."""
+    from transformers import EarlyStoppingCallback
+
+    found = [c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)]
+    if not found:
+        return {}
+    state = trainer.state
+    return {
+        "early_stopping": {
+            "patience": found[0].early_stopping_patience,
+            "stopped_early": found[0].early_stopping_patience_counter >= found[0].early_stopping_patience,
+            "best_eval_loss": state.best_metric,
+            "best_step": state.best_global_step,
+            "last_step": state.global_step,
+        }
     }
 
 
