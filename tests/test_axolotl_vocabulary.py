@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from reprotune.axolotl import IGNORED, TRANSLATED, UNSUPPORTED, params_from, translate
+from reprotune.axolotl import IGNORED, TRANSLATED, UNSUPPORTED, params_from
 from reprotune.config.check import check_params, load_params
 from reprotune.config.sections import OPTIMIZERS
 
@@ -148,7 +148,25 @@ def test_a_string_that_is_not_a_number_names_the_key(section, key, value, messag
     assert message in [str(p) for p in problems]
 
 
-def test_translate_leaves_the_config_as_given():
+def test_the_import_leaves_the_config_as_given():
     cfg = {**BASE, "learning_rate": "2e-5"}
-    translate(cfg)
-    assert cfg["learning_rate"] == "2e-5"
+    params, _ = params_from(cfg)
+    assert params["train"]["learning_rate"] == 2e-5 and cfg["learning_rate"] == "2e-5"
+
+
+def test_zero_intervals_are_unset_as_axolotl_reads_them():
+    params, rows = imported(evals_per_epoch=0, saves_per_epoch=4)
+    assert rows["evals_per_epoch"].status == IGNORED and params["train"]["evals_per_epoch"] is None
+    assert params["train"]["saves_per_epoch"] == 4
+
+
+def test_batch_size_with_accumulation_writes_axolotls_micro_batch():
+    params, _ = imported(batch_size=8, gradient_accumulation_steps=8)  # micro_batch_size unset: Axolotl's 1
+    assert (params["train"]["micro_batch_size"], params["train"]["gradient_accumulation_steps"]) == (1, 8)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_save_strategy_epoch_yields_to_explicit_steps_in_any_key_order(order):
+    keys = [("save_strategy", "epoch"), ("save_steps", 100)]
+    params, _ = imported(**dict(keys if order else keys[::-1]))
+    assert (params["train"]["save_steps"], params["train"]["saves_per_epoch"]) == (100, None)

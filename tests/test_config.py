@@ -31,13 +31,19 @@ def test_shipped_params_are_clean():
     assert params.data.datasets[1].message_property_mappings.role == "from"
 
 
-def test_empty_file_gets_every_default(tmp_path):
-    (tmp_path / "params.yaml").write_text("")
+def test_an_empty_mapping_gets_every_default_and_an_empty_file_is_refused(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
     (tmp_path / "data/sample").mkdir(parents=True)
     (tmp_path / "data/sample/alpaca.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     params = load_params(tmp_path / "params.yaml")
     assert params.tokenize.sequence_len == 2048
     assert params.lora.r == 32 and params.lora.alpha == 16  # Axolotl's QLoRA example
+    (tmp_path / "params.yaml").write_text("")  # an interrupted write, more likely than a wish for defaults
+    with pytest.raises(
+        ParamsError,
+        match=r"params.yaml: is empty; expected a params file of sections \(a YAML mapping\); `\{\}` takes every",
+    ):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_schema_file_is_generated_from_the_dataclasses():
@@ -294,7 +300,7 @@ def test_bad_yaml_and_non_mapping(tmp_path):
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
     bad.write_text("- a\n- b\n")
-    with pytest.raises(ParamsError, match="expected a mapping"):
+    with pytest.raises(ParamsError, match=r"p.yaml: expected a params file of sections .*, this file holds a list"):
         load_params(bad)
 
 

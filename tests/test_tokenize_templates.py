@@ -303,3 +303,23 @@ def test_drop_counts_and_keeps_the_rest(tok):
 def test_error_names_the_record(tok):
     with pytest.raises(TokenizeError, match=r"fixtures.jsonl:7: \d+ tokens, over tokenize.sequence_len 70"):
         encode(tok, [fx.alpaca(fx.LONG_TEXT, "ok", line=7)], sequence_len=70, excess_length="error")
+
+
+def test_a_special_token_that_opens_the_next_turn_is_not_its_end():
+    # no <|im_end|>: the <|im_start|> after each answer opens the next turn; only EOS and what closes the
+    # last turn end one (here nothing does), so no turn-opening marker is trained, even with train_on_eos all
+    tok = copy.deepcopy(fx.load_tokenizer("builtin"))
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    [seq] = encode(tok, [fx.CONVERSATION], train_on_eos="all").sequences
+    assert [tok.decode(r) for r in runs(seq)] == ["Paris.", "Rome, of course."]
+
+
+def test_a_template_that_renders_other_text_by_a_content_is_refused():
+    # the last user question echoed after the answer: replacing it changes the render in two places
+    tok = copy.deepcopy(fx.load_tokenizer("builtin"))
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "(re: {{ messages[-2]['content'] }})"
+    )
+    with pytest.raises(TokenizeError, match=r"'user' message's content once, as written"):
+        encode(tok, [fx.CONVERSATION], roles_to_train=("user", "assistant"))

@@ -183,6 +183,8 @@ def test_optimizer_choice(tmp_path, tiny, seqs, optimizer, kind):
     bnb_args = getattr(opt, "args", None)
     got = (type(opt).__module__.split(".")[0], getattr(bnb_args, "optim_bits", 32), getattr(opt, "is_paged", False))
     assert got == kind
+    if kind[0] == "torchao":  # its classes say the bits: AdamW8bit, AdamW4bit
+        assert type(opt).__name__ == "AdamW" + optimizer.removeprefix("adamw_torch_")
     assert bool(opt.defaults.get("fused")) == optimizer.endswith("_fused")
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
     batch = next(iter(trainer.get_train_dataloader()))
@@ -290,18 +292,27 @@ def test_per_epoch_intervals_become_steps_from_the_packed_split():
     assert per_epoch_intervals(SHIPPED.train, train_rows=201, world_size=1) == SHIPPED.train  # steps given: kept
 
 
-def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny, seqs):
+def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny, seqs, monkeypatch):
     """Too large a step makes the validation loss rise: training stops after `patience` evaluations
-    without a lower one, and the adapter is the best evaluation's, the same as a run stopped there."""
+    without a lower one, and the adapter is the best evaluation's, the same as a run stopped there; a run
+    killed after the stop, before its adapter was written, comes to the same stop when rerun."""
     steady = {**FAST, "lr_scheduler": "constant", "warmup_ratio": None, "learning_rate": 0.05, "num_epochs": 3}
-    steady |= {"eval_steps": 1, "save_steps": 1, "logging_steps": 1, "loss_watchdog_threshold": None}
+    # save_steps 3: the stage checkpoints at every evaluation anyway, so the best one can be kept
+    steady |= {"eval_steps": 1, "save_steps": 3, "logging_steps": 1, "loss_watchdog_threshold": None}
     params = params_with(quant={"load_in_4bit": False}, train={**steady, "early_stopping_patience": 2})
     stopped = train(params, project(tmp_path / "stopped", tiny, seqs))["early_stopping"]
     planned = 3 * math.ceil(len(run_module.PackedRows(tmp_path / "stopped/data/packed", "train")) / (2 * 2))
     assert stopped["stopped_early"] and stopped["last_step"] == stopped["best_step"] + 2 < planned
+    assert stopped["adapter_step"] == stopped["best_step"]
     at_best = params_with(quant={"load_in_4bit": False}, train={**steady, "max_steps": stopped["best_step"]})
     train(at_best, project(tmp_path / "at_best", tiny, seqs))
-    weights = [
-        (tmp_path / run / "models/adapter/adapter_model.safetensors").read_bytes() for run in ("stopped", "at_best")
-    ]
-    assert weights[0] == weights[1]
+    killed = project(tmp_path / "killed", tiny, seqs)
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "save_adapter", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train(params, killed)
+    rerun = train(params, killed)
+    assert 0 < rerun["resumed_from_step"] < stopped["last_step"] and rerun["early_stopping"] == stopped
+    runs = ("stopped", "at_best", "killed")
+    weights = [(tmp_path / run / "models/adapter/adapter_model.safetensors").read_bytes() for run in runs]
+    assert weights[0] == weights[1] == weights[2]

@@ -105,7 +105,8 @@ def test_chat_template_is_chat_and_drop_system_message_drops_it(tmp_path):
 def test_a_misplaced_system_message_is_numbered_as_in_the_record(tmp_path):
     roles = ["system", "human", "system", "gpt"]
     line = json.dumps({"conversations": [{"from": r, "value": "x"} for r in roles]})
-    (tmp_path / "c.jsonl").write_text(line + "\n")
+    good = json.dumps({"conversations": [{"from": r, "value": "x"} for r in ("human", "gpt")]})
+    (tmp_path / "c.jsonl").write_text(line + "\n" + good + "\n")  # a file of rejects only stops validate
     ds = {"path": "c.jsonl", "type": "chat_template", "drop_system_message": True, **SHAREGPT}
     _, _, rejects = run(tmp_path, data_config(ds))
     assert rejects[0]["detail"] == "message 3: a system message may only come first"
@@ -238,3 +239,11 @@ def test_outputs_are_byte_identical(tmp_path):
         hashes.append(sha256_tree(out))
     assert hashes[0] == hashes[1]
     assert pq.read_metadata(tmp_path / "one/records.parquet").num_rows == 3000
+
+
+def test_a_dataset_with_no_valid_record_stops_validate_naming_it(tmp_path):
+    """Every record rejected: the wrong file, or the wrong type for it (exit 2), not a run that trains on
+    the other datasets alone."""
+    (tmp_path / "c.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 3)
+    with pytest.raises(DataError, match=r"c.jsonl: no valid record among the 3 read \(the first rejected: c.jsonl:1"):
+        run(tmp_path, data_config({"path": "c.jsonl", "type": "chat_template"}))

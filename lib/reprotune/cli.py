@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from reprotune.config import EXIT_BAD_INPUT
-from reprotune.config.check import check_params, read_yaml
+from reprotune.config.check import check_params, read_yaml, report
+from reprotune.errors import BadInput
 
 
 def check(path: Path) -> int:
@@ -26,9 +27,7 @@ def check(path: Path) -> int:
     if not problems:
         print(f"{path}: OK")
         return 0
-    print(f"{path}: {len(problems)} problem{'s' * (len(problems) != 1)}", file=sys.stderr)
-    for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
+    print(report(str(path), problems), file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -57,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     p_import.add_argument("config", type=Path, help="the Axolotl YAML config")
     p_import.add_argument("-o", "--output", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    if args.command == "import-axolotl":
-        return import_axolotl(args.config, args.output)
-    return check(args.params)
+    try:
+        if args.command == "import-axolotl":
+            return import_axolotl(args.config, args.output)
+        return check(args.params)
+    except BadInput as e:  # a file that cannot be used: one line naming it, no traceback
+        print(e, file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from reprotune.axolotl.rules import (
 )
 
 OBSERVABILITY_ONLY = "metrics export only; the model trained is the same (DVCLive logs the run)"
+# intervals Axolotl tests for truth: 0 is unset there
+ZERO_IS_UNSET = ("eval_steps", "save_steps", "evals_per_epoch", "saves_per_epoch")
 
 KEYS: dict[str, Rule] = {
     # base

@@ -14,6 +14,9 @@ from reprotune.axolotl.keys import DATASET_KEYS, KEYS, PATTERNS
 from reprotune.axolotl.rules import IGNORED, MAPPED, TRANSLATED, UNSUPPORTED, Row
 from reprotune.axolotl.translate import params_from
 from reprotune.config.check import check_params
+from reprotune.config.sections import SECTIONS
+from reprotune.errors import BadInput
+from reprotune.files import read_yaml_mapping
 from reprotune.io import atomic_file
 
 
@@ -96,14 +99,23 @@ def _code(target: str) -> str:
     return ", ".join(f"`{t.strip()}`" for t in target.split(",")) if target else "-"
 
 
+def read_axolotl_config(source: Path) -> dict:
+    """The Axolotl config in `source`, or BadInput naming the file: unreadable, empty, not YAML, not a
+    mapping, or a reprotune params file given by mistake."""
+    cfg = read_yaml_mapping(source, "an Axolotl config")
+    if set(cfg) <= set(SECTIONS):
+        raise BadInput(
+            f"{source}: is a reprotune params file (sections {', '.join(cfg)}), not an Axolotl config; "
+            "check it with `reprotune check`"
+        )
+    return cfg
+
+
 def import_axolotl(source: Path, out: Path, template: Path, root: Path) -> int:
     """Write `out` from Axolotl config `source`; print the table and any check problems; the exit code."""
     from reprotune.config import EXIT_BAD_INPUT
 
-    cfg = yaml.safe_load(source.read_text()) or {}
-    if not isinstance(cfg, dict):
-        print(f"{source}: not an Axolotl config (a YAML mapping)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    cfg = read_axolotl_config(source)
     params, rows = params_from(cfg)
     text = render(params, template)
     with atomic_file(out) as f:
@@ -114,6 +126,8 @@ def import_axolotl(source: Path, out: Path, template: Path, root: Path) -> int:
     if params["base"]["revision"] == "main" and not cfg.get("revision_of_model"):
         print(f"base.revision is main: pin it to a commit of {params['base']['model']} for a reproducible base")
     _, problems = check_params(yaml.safe_load(text), repo_root=root)
+    if problems:
+        print(f"{out} (from {source}): {len(problems)} problem(s) for `reprotune check`:", file=sys.stderr)
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     return EXIT_BAD_INPUT if counts[UNSUPPORTED] or problems else 0

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Any
 
-from reprotune.axolotl.keys import DATASET_KEYS, DATASET_TYPES, KEYS, PATTERNS
+from reprotune.axolotl.keys import DATASET_KEYS, DATASET_TYPES, KEYS, PATTERNS, ZERO_IS_UNSET
 from reprotune.axolotl.rules import (
     IGNORED,
     MAPPED,
@@ -42,6 +42,9 @@ def translate(cfg: dict) -> tuple[dict, list[Row]]:
         if _empty(value):
             if key != "adapter":  # an unset adapter gets its own row below
                 rows.append(Row(key, value, IGNORED, "", "empty: unset, as Axolotl reads it"))
+            continue
+        if value == 0 and key in ZERO_IS_UNSET:
+            rows.append(Row(key, value, IGNORED, "", "0: unset, as Axolotl reads it (`if cfg.evals_per_epoch:`)"))
             continue
         if key in ("datasets", "test_datasets"):
             if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):

@@ -97,7 +97,7 @@ def batch_size(value, cfg: dict) -> dict:
             raise Unsupported(
                 f"batch_size {value} contradicts micro_batch_size x gradient_accumulation_steps = {micro * steps}"
             )
-        return {}
+        return {"train.micro_batch_size": micro}  # Axolotl's default 1 where unset, not reprotune's 2
     if value < micro:
         raise Unsupported(f"batch_size {value} is below micro_batch_size {micro}")
     return {"train.micro_batch_size": micro, "train.gradient_accumulation_steps": value // micro}
@@ -114,15 +114,16 @@ def flag(target: str, on_value) -> Callable[[Any, dict], dict]:
 
 
 def instead_of(target: str, other: str) -> Callable[[Any, dict], dict]:
-    """`target` set, its alternative `other` (steps vs per epoch) cleared: params take one of the two.
-    0 is unset, as Axolotl reads it (`if cfg.evals_per_epoch:`)."""
-    return lambda value, cfg: {target: value, other: None} if value != 0 else {}
+    """`target` set, its alternative `other` (steps vs per epoch) cleared: params take one of the two."""
+    return lambda value, cfg: {target: value, other: None}
 
 
 def save_strategy(value, cfg: dict) -> dict:
     if value == "steps":
         return {}
-    if value == "epoch":
+    if value == "epoch":  # unless the config says how often itself
+        if cfg.get("save_steps") or cfg.get("saves_per_epoch"):
+            return {}
         return {"train.saves_per_epoch": 1, "train.save_steps": None}
     raise Unsupported(f"save_strategy {value!r}: checkpoints are saved by steps or per epoch (steps, epoch)")
 

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
 from reprotune.config.datafiles import folder_data_files, pattern_files
 from reprotune.config.sections import DATA_FORMATS, Params, build_params, canonical_type
 from reprotune.errors import BadInput
+from reprotune.files import read_yaml_mapping
 
 BUILTIN_PREFIX = "builtin:"
 # Built-in models (built by reprotune.model.builtin) and their max positions. Kept here, not imported
@@ -51,6 +51,9 @@ _TYPE_FIELDS = {
 }
 
 
+FILE = "<file>"  # a Problem's path when the params file itself cannot be read
+
+
 @dataclass(frozen=True)
 class Problem:
     path: str
@@ -63,13 +66,21 @@ class Problem:
 
 
 class ParamsError(BadInput):
-    """params.yaml has problems; str() lists all of them."""
+    """params.yaml has problems; str() lists all of them (one line when the file itself cannot be read)."""
 
     def __init__(self, source: str, problems: list[Problem]):
         self.source = source
         self.problems = problems
-        lines = [f"{source}: {len(problems)} problem{'s' * (len(problems) != 1)}"]
-        super().__init__("\n".join(lines + [f"  {p}" for p in problems]))
+        super().__init__(report(source, problems))
+
+
+def report(source: str, problems: list[Problem]) -> str:
+    """The problems of params file `source` as printed: a count, then one line each; a file that cannot be
+    read at all is its one line (which names the file)."""
+    if len(problems) == 1 and problems[0].path == FILE:
+        return problems[0].message
+    lines = [f"{source}: {len(problems)} problem{'s' * (len(problems) != 1)}"]
+    return "\n".join(lines + [f"  {p}" for p in problems])
 
 
 @cache
@@ -91,18 +102,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def read_yaml(path: Path) -> tuple[dict, list[Problem]]:
-    """The YAML mapping in `path`, or a problem saying why it cannot be read."""
-    if not path.is_file():
-        return {}, [Problem("<file>", f"{path} does not exist")]
+    """The YAML mapping in `path`, or one problem saying why it cannot be read (missing, empty, not UTF-8,
+    not YAML, not a mapping: files.py's one-line messages)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as e:
-        return {}, [Problem("<file>", f"not valid YAML: {e}")]
-    if raw is None:
-        return {}, []
-    if not isinstance(raw, dict):
-        return {}, [Problem("<file>", f"expected a mapping of sections, got {_kind(raw)}")]
-    return raw, []
+        return read_yaml_mapping(path, "a params file of sections", "; `{}` takes every default"), []
+    except BadInput as e:
+        return {}, [Problem(FILE, str(e))]
 
 
 def check_params(raw: dict, repo_root: Path = Path(".")) -> tuple[dict, list[Problem]]:
@@ -303,25 +308,11 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
 
 
 def _early_stopping_problems(train: dict, tok: dict, data: dict) -> Iterator[Problem]:
-    """Early stopping watches the validation loss and keeps the best checkpoint's adapter (as Axolotl does):
-    it needs a validation split, and a checkpoint at every evaluation that can be the best."""
-    if train["early_stopping_patience"] is None:
-        return
-    if tok["val_set_size"] == 0 and not data["test_datasets"]:
+    """Early stopping watches the validation loss: it needs a validation split."""
+    if train["early_stopping_patience"] is not None and tok["val_set_size"] == 0 and not data["test_datasets"]:
         yield Problem(
             "train.early_stopping_patience",
             "needs a validation split: set tokenize.val_set_size above 0 or data.test_datasets",
-        )
-    if train["eval_steps"] is None or train["save_steps"] is None:
-        yield Problem(
-            "train.early_stopping_patience",
-            "needs train.eval_steps and train.save_steps in steps (not per epoch), save_steps a multiple of eval_steps",
-        )
-    elif train["save_steps"] % train["eval_steps"]:
-        yield Problem(
-            "train.save_steps",
-            f"got {train['save_steps']}; with early_stopping_patience it must be a multiple of train.eval_steps "
-            f"({train['eval_steps']}), so the best evaluation has a checkpoint to keep",
         )
 
 
@@ -462,12 +453,6 @@ def _without(raw: dict, bad: list[tuple]) -> dict:
 
 def _show(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def _kind(value: Any) -> str:
-    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _is_under(path: Path, parent: Path) -> bool:

@@ -375,7 +375,8 @@ class TrainConfig:
     """Consecutive logs above the threshold before stopping."""
     early_stopping_patience: int | None = key(None, minimum=1)
     """Stop when the validation loss has not improved for this many evaluations in a row (the Trainer's
-    early stopping); the adapter is the one at the stop, and metrics/train.json says where and why. Needs a
+    early stopping, as Axolotl runs it): the adapter kept is the best evaluation's (a checkpoint is written at
+    every evaluation for it), and metrics/train.json says where it stopped and which step it kept. Needs a
     validation split. null: train to the end."""
     launcher: str = key("auto", choices=("auto", "python", "accelerate"))
     """auto: accelerate launch when several GPUs are visible, else a plain process."""

@@ -221,9 +221,18 @@ def read_arrow(path: Path, source: str) -> Iterator[RawRecord]:
 
 
 def _rows(batches, source: str) -> Iterator[RawRecord]:
-    """The records of Arrow record batches, row = 1-based row number."""
-    row = 0
-    for batch in batches:
+    """The records of Arrow record batches, row = 1-based row number; a batch that cannot be read (a file
+    cut short after its first batches) stops the file with a DataError naming it."""
+    import pyarrow as pa
+
+    row, batches = 0, iter(batches)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{source}: cut short or damaged after row {row} ({e})") from None
         for record in batch.to_pylist():
             row += 1
             yield RawRecord(source, row, record)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -72,12 +72,19 @@ def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
         for index, (ds, test) in enumerate(datasets):
             counts = per_source[test].setdefault(ds.path, Counts())
             log.info("validating %s (%s%s)", ds.path, ds.type, ", validation set" if test else "")
-            kept = counts.kept
+            before = replace(counts)
+            sink.first_reject = None
             records = read_dataset(ds, root, params.tokenize.seed)
             for raw in tqdm(records, desc=f"validate {ds.path}", unit="rec", mininterval=2):
                 sink.take(raw, ds, index, test, counts)
-            if test and counts.kept == kept:
+            if test and counts.kept == before.kept:
                 raise DataError(f"data.test_datasets[{index}] ({ds.path}): no valid record: an empty validation set")
+            if counts.kept == before.kept and counts.duplicates == before.duplicates:
+                # every record rejected: the wrong file, or the wrong type for it; say so rather than go on
+                raise DataError(
+                    f"{ds.path}: no valid record among the {counts.read - before.read} read (the first rejected: "
+                    f"{sink.first_reject}); is it the file meant, and is data.datasets type {ds.type} its layout?"
+                )
         sink.flush()
     write_datasets(out_dir / DATASETS, [DatasetEntry.of(ds, test) for ds, test in datasets])
     for counts in [*per_source[False].values(), *per_source[True].values()]:
@@ -99,6 +106,8 @@ class _Sink:
         # validation records are remembered: a training copy of one is dropped all the same
         self.seen: dict[bytes, tuple[str, int, bool]] = {}
         self.rows: list[dict] = []
+        self.first_reject: str | None = None
+        """`source:line: reason (detail)` of the current dataset's first reject."""
 
     def take(self, raw: RawRecord, ds, dataset: int, test: bool, counts: Counts) -> None:
         counts.read += 1
@@ -130,6 +139,7 @@ class _Sink:
             raise DataError(f"{raw.source}:{raw.line}: {e.detail} (data.on_invalid is error)")
         counts.rejected += 1
         counts.by_reason[e.code] += 1
+        self.first_reject = self.first_reject or f"{raw.source}:{raw.line}: {e.code} ({e.detail})"
         entry = {"source": raw.source, "line": raw.line, "reason": e.code, "detail": e.detail}
         entry.update({"raw": raw.raw_text} if raw.error else {"record": raw.record})
         _write_line(self.rejects, entry)

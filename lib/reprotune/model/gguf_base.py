@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from reprotune.errors import BadInput
+from reprotune.files import check_size
 from reprotune.io import sha256_file, sha256_tree, write_json
 from reprotune.llama_cpp import GGUFUnsupported, pre_tokenizer_name, probe_hash
 from reprotune.model.chat_templates import save_tokenizer
@@ -50,6 +52,8 @@ from reprotune.tensors import WEIGHTS_NAME, natural_key, write_safetensors
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+GGUF_MAGIC = b"GGUF"
+GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata entry count (GGUF v2, v3)
 SUPPORTED_TOKENIZERS = ("gpt2",)  # llama.cpp's name for byte-level BPE
 GGUF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # The loader's record of where it read from: paths and this machine's hub settings, not the model.
@@ -57,14 +61,57 @@ DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The GGUF file's key/values (without the vocabulary arrays) and its tensor types, {type: count}."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    """The GGUF file's key/values (without the vocabulary arrays) and its tensor types, {type: count}; a file
+    that is no GGUF, or is cut short, is BadInput naming it (never the reader's numpy traceback)."""
+    reader = _header(path)
     skipped = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
     meta = {k: f.contents() for k, f in reader.fields.items() if k not in skipped}
-    meta["tensor_types"] = dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items()))
+    meta["tensor_types"] = dict(sorted(reader.tensor_types.items()))
     return meta
+
+
+def _header(path: Path):
+    """The file's header (metadata and tensor descriptions, not the tensors' data) once it is known to be a
+    whole GGUF file: its magic, then its size against the end of the last tensor the header declares."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(GGUF_HEADER.size)
+    if size == 0:
+        raise BadInput(f"{path}: is empty (0 bytes); expected a GGUF file")
+    if not head.startswith(GGUF_MAGIC):
+        raise BadInput(f"{path}: not a GGUF file: it starts with {head[:4]!r}, a GGUF file with {GGUF_MAGIC!r}")
+    if len(head) < GGUF_HEADER.size:
+        raise BadInput(f"{path}: cut short: {size} bytes, less than a GGUF header")
+    _, version, tensors, entries = GGUF_HEADER.unpack(head)
+    try:
+        reader = _header_reader()(path)
+    except Exception:  # the reader's numpy views fail in several ways on a short or damaged header
+        raise BadInput(
+            f"{path}: cut short or damaged: its {size:,} bytes end before the {entries} metadata entries and "
+            f"{tensors} tensor descriptions its header (GGUF v{version}) declares"
+        ) from None
+    check_size(path, size, reader.declared_end)
+    return reader
+
+
+def _header_reader():
+    """gguf's GGUFReader that stops at the tensor descriptions: it records each tensor's type and where the
+    last one ends, instead of mapping their data (which fails, opaquely, on a file cut short)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class HeaderReader(GGUFReader):
+        def _build_tensors(self, start_offs: int, fields) -> None:  # gguf's hook, called last in __init__
+            self.tensors, self.tensor_types, self.declared_end = [], Counter(), start_offs
+            for field in fields:
+                _, _, _, dims, raw_dtype, offset = field.parts
+                kind = GGMLQuantizationType(int(raw_dtype[0]))
+                block, type_size = GGML_QUANT_SIZES[kind]
+                end = start_offs + int(offset[0]) + int(np.prod(dims)) * type_size // block
+                self.tensor_types[kind.name] += 1
+                self.declared_end = max(self.declared_end, end)
+
+    return HeaderReader
 
 
 def check_supported(model: str, meta: dict[str, Any]) -> None:

@@ -255,16 +255,23 @@ class PromptEncoder:
             return Rendered(full, [(0, len(full))], add_eos=False, chunk=False)
         roles, train_on_eos = self.masking.get(record.get("dataset"), self.default_masking)
         trained = [i for i, m in enumerate(messages) if m["role"] in roles]
+        located = {  # message index -> its content span (None: the template does not render it)
+            i: self._content_span(messages, i, full, record)
+            for i in range(len(messages))
+            if i in trained or train_on_eos == "all" or i == len(messages) - 1  # the last: the closing token
+        }
+        last = located[len(messages) - 1]
+        # the tokens that end a turn: EOS, and the one closing the conversation's last turn (<|im_end|>,
+        # <|eot_id|>); a special token after a content that closes no turn opens the next one ([/INST] on
+        # Mistral's tokenizers, <|im_start|> in a template without <|im_end|>) and stays untrained
+        closers = {self.tokenizer.eos_token, *([self._special_after(full, last[1])] if last else [])} - {None}
         spans = []
-        for i in range(len(messages)):
-            if i not in trained and train_on_eos != "all":
-                continue  # neither its content nor its end of turn carries a label
-            content = self._content_span(messages, i, full, record)
+        for i, content in sorted(located.items()):
             if content is None:
                 continue  # the template does not render this message (e.g. a system message it drops)
             if i in trained:
                 spans.append(content)
-            eot = self._end_of_turn(full, content[1])
+            eot = self._end_of_turn(full, content[1], closers)
             if eot and _trains_end_of_turn(train_on_eos, i, trained):
                 spans.append(eot)
         return Rendered(full, _merge(spans), add_eos=False, chunk=False)
@@ -289,27 +296,37 @@ class PromptEncoder:
         probe = self._apply([*messages[:i], {**messages[i], "content": SENTINEL}, *messages[i + 1 :]], record)
         start = _common_prefix(full, probe, min(len(full), len(probe)))
         tail = _common_prefix(full[start:][::-1], probe[start:][::-1], min(len(full), len(probe)) - start)
-        if probe.find(SENTINEL, start, len(probe) - tail) < 0:
-            if probe == full:
-                return None
+        if probe == full:
+            return None
+        # the sentinel's first and last characters occur in no text, so the differing part of the probe is
+        # exactly the sentinel unless the template rewrote the content or rendered something else by it
+        if probe[start : len(probe) - tail] != SENTINEL:
             raise TokenizeError(
                 f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} "
-                f"does not render a {messages[i]['role']!r} message's content as written, so its labels cannot "
-                "be located; remove that role from tokenize.roles_to_train or use train_on_inputs"
+                f"does not render a {messages[i]['role']!r} message's content once, as written (it rewrites it, or "
+                "renders other text by it), so its labels cannot be located; remove that role from "
+                "tokenize.roles_to_train (and train_on_eos all), or use train_on_inputs"
             )
         return start, len(full) - tail
 
-    def _end_of_turn(self, full: str, content_end: int) -> tuple[int, int] | None:
-        """Characters of the special token that closes a turn whose content ends at `content_end`: the one
-        right after it, whitespace aside (<|im_end|>, </s>, <|eot_id|>); None where plain text follows (the
-        " [/INST]" after a Llama-2 user turn). Whitespace after the token stays untrained: generation stops
-        at the token."""
+    def _end_of_turn(self, full: str, content_end: int, closers: set[str]) -> tuple[int, int] | None:
+        """Characters of the token that closes a turn whose content ends at `content_end`: the special token
+        right after it, whitespace aside, when it is one of `closers` (<|im_end|>, </s>, <|eot_id|>); None
+        where plain text follows (the " [/INST]" after a Llama-2 user turn) or a token that opens the next
+        turn. Whitespace after the token stays untrained: generation stops at the token."""
+        closing = self._special_after(full, content_end)
+        if closing not in closers:
+            return None
+        at = full.index(closing, content_end)
+        return at, at + len(closing)
+
+    def _special_after(self, full: str, content_end: int) -> str | None:
+        """The special token right after `content_end`, whitespace aside (the longest that matches)."""
         rest = full[content_end:]
         at = content_end + len(rest) - len(rest.lstrip())
         if not full.startswith(self.specials, at):  # one test over all of them (Llama-3 has 256) first
             return None
-        closing = next(s for s in self.specials if full.startswith(s, at))  # the longest that matches
-        return at, at + len(closing)
+        return next(s for s in self.specials if full.startswith(s, at))
 
 
 def _common_prefix(a: str, b: str, limit: int) -> int:

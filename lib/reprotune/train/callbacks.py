@@ -6,7 +6,7 @@
   streak it is an ExportableState, saved in every checkpoint's trainer_state.json and restored on
   resume, so counters do not restart from zero after a crash (a known peer bug).
 - `CheckpointMarker`: after the Trainer saved `checkpoint-<step>/` (every process done), writes
-  the completeness marker (see checkpoints.py).
+  the completeness marker (see checkpoints.py), except on the checkpoint of the step training stops at.
 - `LogFinalStep`: forces a log at the last step, so the final training loss is always recorded.
 - `DvcLiveCurves`: per-step curves (train/loss, train/learning_rate, train/grad_norm, eval/loss)
   into dvclive/plots/metrics/*.tsv and dvclive/metrics.json, indexed by optimizer step. On resume
@@ -78,7 +78,10 @@ class CheckpointMarker(TrainerCallback):
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # other ranks write their rng_state_<rank>.pth into the same folder
-        if state.is_world_process_zero:
+        # a checkpoint written as training stops (its last step, or early stopping's decision) is not one to
+        # resume from: the Trainer clears the stop on resume and would train on. A rerun resumes from the one
+        # before and, repeating the same steps, comes to the same stop.
+        if state.is_world_process_zero and not control.should_training_stop:
             folder = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
             write_marker(folder, self.fingerprint, state.global_step)
 

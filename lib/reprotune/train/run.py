@@ -140,7 +140,9 @@ def require_optimizer(name: str) -> None:
 
 def per_epoch_intervals(cfg: TrainConfig, train_rows: int, world_size: int) -> TrainConfig:
     """`cfg` with eval_steps and save_steps in steps: Axolotl's evals_per_epoch / saves_per_epoch are
-    turned into steps from the packed train split, as the Trainer counts an epoch's optimizer steps."""
+    turned into steps from the packed train split, as the Trainer counts an epoch's optimizer steps. With
+    early stopping, save_steps is eval_steps: the Trainer keeps the best evaluation's adapter only if a
+    checkpoint was written at that step (checkpoints change no weight)."""
     micro_batches = math.ceil(train_rows / (cfg.micro_batch_size * world_size))
     # the Trainer's count: a last, partial accumulation is a step of its own
     steps_per_epoch = max(1, math.ceil(micro_batches / cfg.gradient_accumulation_steps))
@@ -149,8 +151,10 @@ def per_epoch_intervals(cfg: TrainConfig, train_rows: int, world_size: int) -> T
         if getattr(cfg, per_epoch) is not None:  # rounded up, as Axolotl's fraction of max_steps is
             every[steps] = max(1, math.ceil(steps_per_epoch / getattr(cfg, per_epoch)))
     # a stage may declare the section key by key, and then `cfg` is a read-only view: copy it out
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**fields | every)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)} | every
+    if cfg.early_stopping_patience:  # a checkpoint at every evaluation, so the best one is there to keep
+        fields["save_steps"] = fields["eval_steps"]
+    return TrainConfig(**fields)
 
 
 def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool):
@@ -189,7 +193,7 @@ def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_
         save_steps=cfg.save_steps,
         save_total_limit=2,  # the newest may be half-written when killed; the one before is complete
         # early stopping, as Axolotl runs it: on the validation loss, and the best checkpoint's adapter is kept
-        # (the Trainer keeps that checkpoint beside the newest two)
+        # (the Trainer's rotation keeps the best checkpoint and the newest)
         metric_for_best_model="eval_loss" if cfg.early_stopping_patience else None,
         greater_is_better=False if cfg.early_stopping_patience else None,
         load_best_model_at_end=bool(cfg.early_stopping_patience),
@@ -279,12 +283,14 @@ def _early_stopping(trainer) -> dict:
     if not found:
         return {}
     state = trainer.state
+    kept = state.best_model_checkpoint  # loaded at the end: the adapter saved is this checkpoint's
     return {
         "early_stopping": {
             "patience": found[0].early_stopping_patience,
             "stopped_early": found[0].early_stopping_patience_counter >= found[0].early_stopping_patience,
             "best_eval_loss": state.best_metric,
             "best_step": state.best_global_step,
+            "adapter_step": step_of(Path(kept)) if kept else state.global_step,
             "last_step": state.global_step,
         }
     }

@@ -1,0 +1,107 @@
+"""The files a user hands in, read or checked so that a bad one is one line naming it and what is wrong.
+
+Every door that opens a user's file goes through here: `reprotune check` (params files), `reprotune
+import-axolotl` (Axolotl configs), the base stage (a local model folder's JSON and safetensors files, a
+GGUF file: gguf_base.py checks its header with `check_size`). A problem raises BadInput (exit 2) whose text
+starts with the file's path: missing, a folder, empty, not UTF-8 (with the byte), not valid YAML or JSON
+(with line and column), the wrong top-level type, or cut short (its size against the size its header
+declares). Nothing is written before these checks pass.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reprotune.errors import BadInput
+
+SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def read_text(path: Path) -> str:
+    """The file's text (UTF-8, a BOM dropped)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: does not exist")
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder, not a file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x})") from None
+
+
+def read_yaml_mapping(path: Path, what: str, if_empty: str = "") -> dict:
+    """The YAML mapping in `path`; `what` names what it should be in the messages ("an Axolotl config"),
+    `if_empty` is added to the message for an empty file."""
+    text = read_text(path)
+    if not text.strip():
+        raise BadInput(f"{path}: is empty; expected {what} (a YAML mapping){if_empty}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise BadInput(f"{path}: not valid YAML ({_yaml_error(e)})") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{path}: expected {what} (a YAML mapping), this file holds {kind_of(value)}")
+    return value
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path` (a model folder's config.json, tokenizer.json, ...)."""
+    text = read_text(path)
+    if not text.strip():
+        raise BadInput(f"{path}: is empty; expected a JSON object")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{path}: expected a JSON object, this file holds {kind_of(value)}")
+    return value
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header reads and whose size is what the header declares."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BadInput(f"{path}: not a safetensors file ({size} bytes; its 8-byte header length is missing)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, SAFETENSORS_HEADER_MAX):
+            raise BadInput(f"{path}: not a safetensors file, or cut short (its header claims {length:,} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadInput(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise BadInput(f"{path}: not a safetensors file (its header is not a JSON object)")
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    check_size(path, size, 8 + length + max(ends, default=0))
+
+
+def check_size(path: Path, size: int, declared: int) -> None:
+    """A file shorter than its header declares: an interrupted copy or download."""
+    if size < declared:
+        raise BadInput(
+            f"{path}: cut short: {size:,} bytes of the {declared:,} its header declares "
+            "(an interrupted copy or download?)"
+        )
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """One line: where and what (PyYAML's own message spans several, with the offending text)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def kind_of(value: Any) -> str:
+    """What a YAML or JSON value is, in words ("a list")."""
+    names = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+    return "nothing" if value is None else names.get(type(value), type(value).__name__)
