@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup setup-gpu run real-model test test-all lint schema bench gpu-check gguf-check clean
+.PHONY: setup setup-gpu run real-model chat test test-all lint schema bench gpu-check gguf-check clean
 setup: $(VENV)/.installed
 
 # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build; then the rest,
@@ -36,6 +36,10 @@ run: setup
 real-model: setup
 	test -d .git || git init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m reprotune.real_model
+
+# Talk to the exported model in the terminal (`reprotune chat --help`: --compare, --adapter, --prompt).
+chat: setup
+	HF_HUB_OFFLINE=1 $(BIN)/reprotune chat
 
 # Tests and benchmarks never wait on a hub: everything they use is built or shipped here.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reprotune.evaluate import compare, load_as_trained
+from reprotune.evaluate import compare
 from reprotune.loading import load_model
 from reprotune.merge import MergeInputs, merge_and_verify
+from reprotune.quant import load_as_trained
 
 from helpers import params_with
 from test_merge import make_adapter, write_packed
@@ -36,7 +37,7 @@ def gap(case, fold_into: str, tmp_path) -> tuple[dict, dict]:
     merged.mkdir()
     merge_metrics = merge_and_verify(params, MergeInputs(base, adapter, packed), merged)
     loaders = {
-        "as_trained": lambda: load_as_trained(base, adapter, params, False),
+        "as_trained": lambda: load_as_trained(base, adapter, params.quant, params.train, False),
         "as_shipped": lambda: load_model(merged, torch.float32, False),
     }
     cfg = params_with(evaluate={"max_new_tokens": 4, "num_samples": 0, "prompts": []}).evaluate

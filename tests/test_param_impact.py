@@ -26,6 +26,7 @@ OUTSIDE_PIPELINE = {
     "lib/reprotune/testing.py",
     "lib/reprotune/schema.py",
     "lib/reprotune/real_model.py",
+    "lib/reprotune/chat.py",
     "lib/reprotune/axolotl/__init__.py",
     "lib/reprotune/axolotl/__main__.py",
     "lib/reprotune/axolotl/keys.py",

@@ -52,11 +52,10 @@ import torch.nn.functional as F
 from reprotune import layout
 from reprotune.config import Params
 from reprotune.config.sections import EvaluateConfig
-from reprotune.hardware import device_type
 from reprotune.io import atomic_file
 from reprotune.loading import load_model, read_config, stop_token_ids, stored_dtype
 from reprotune.packed import IGNORE_INDEX, ValSequence, read_val_sequences
-from reprotune.quant import load_kwargs, training_compute_dtype
+from reprotune.quant import load_as_trained
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
@@ -174,35 +173,13 @@ def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
     dtype = getattr(torch, stored_dtype(read_config(inputs.merged)) or "float32")
     loaders = {
         "base": lambda: load_model(inputs.base, dtype, trust),
-        "as_trained": lambda: load_as_trained(inputs.base, inputs.adapter, params, trust),
+        "as_trained": lambda: load_as_trained(inputs.base, inputs.adapter, params.quant, params.train, trust),
         "as_shipped": lambda: load_model(inputs.merged, dtype, trust),
     }
     metrics, samples = compare(loaders, inputs.merged, inputs.packed, params.evaluate, trust)
     with atomic_file(Path(out_dir) / SAMPLES) as f:
         f.writelines(json.dumps(s, sort_keys=True, ensure_ascii=False) + "\n" for s in samples)
     return {**metrics, "dtype": str(dtype).removeprefix("torch.")}
-
-
-def load_as_trained(base_dir: Path, adapter_dir: Path, params: Params, trust_remote_code: bool):
-    """The adapter on the base as training loaded it: 4-bit (quant section) in the training's compute dtype."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    quant = params.quant
-    kwargs = load_kwargs(quant, training_compute_dtype(quant, params.train), device_type())
-    base = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, **kwargs)
-    model = PeftModel.from_pretrained(base, adapter_dir).to(device_type()).eval()
-    if quant.load_in_4bit:
-        from bitsandbytes.nn import Linear4bit
-
-        for module in model.modules():
-            # bitsandbytes' CPU inference path (eval mode, on CPUs with AVX512-BF16) repacks the 4-bit weights
-            # for a bf16 kernel, which rounds differently from training's dequantize-then-matmul in the compute
-            # dtype. The flag is set on bitsandbytes' own 4-bit layers only (they have no children and no
-            # train-only behaviour), never through .train(): peft's LoRA wrapper would switch its dropout on.
-            if isinstance(module, Linear4bit):
-                module.training = True
-    return model
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:

@@ -39,29 +39,24 @@ def read_text(path: Path) -> str:
 def read_yaml_mapping(path: Path, what: str, if_empty: str = "") -> dict:
     """The YAML mapping in `path`; `what` names what it should be in the messages ("an Axolotl config"),
     `if_empty` is added to the message for an empty file."""
-    text = read_text(path)
-    if not text.strip():
-        raise BadInput(f"{path}: is empty; expected {what} (a YAML mapping){if_empty}")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML ({_yaml_error(e)})") from None
-    if not isinstance(value, dict):
-        raise BadInput(f"{path}: expected {what} (a YAML mapping), this file holds {kind_of(value)}")
-    return value
+    return _mapping(path, f"{what} (a YAML mapping)", if_empty, yaml.safe_load)
 
 
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path` (a model folder's config.json, tokenizer.json, ...)."""
+    return _mapping(path, "a JSON object", "", json.loads)
+
+
+def _mapping(path: Path, expected: str, if_empty: str, parse) -> dict:
     text = read_text(path)
     if not text.strip():
-        raise BadInput(f"{path}: is empty; expected a JSON object")
+        raise BadInput(f"{path}: is empty; expected {expected}{if_empty}")
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        value = parse(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: {_syntax_error(e)}") from None
     if not isinstance(value, dict):
-        raise BadInput(f"{path}: expected a JSON object, this file holds {kind_of(value)}")
+        raise BadInput(f"{path}: expected {expected}, this file holds {kind_of(value)}")
     return value
 
 
@@ -94,11 +89,13 @@ def check_size(path: Path, size: int, declared: int) -> None:
         )
 
 
-def _yaml_error(e: yaml.YAMLError) -> str:
+def _syntax_error(e: Exception) -> str:
     """One line: where and what (PyYAML's own message spans several, with the offending text)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+    return f"not valid YAML ({f'line {mark.line + 1}, column {mark.column + 1}: ' if mark else ''}{problem})"
 
 
 def kind_of(value: Any) -> str:

@@ -5,7 +5,8 @@
   dtype setting under QLoRA, else `auto`, resolved for this machine by hardware.resolve).
 - `bnb_config`: transformers' BitsAndBytesConfig from the quant section and the resolved compute dtype.
   Quant storage `auto` is uint8 (FSDP would need it equal to the compute dtype).
-- `load_kwargs`: from_pretrained's arguments for the base as training loads it.
+- `load_kwargs`: from_pretrained's arguments for the base as training loads it; `load_as_trained`: the
+  adapter on that base (evaluate's "as trained", `reprotune chat --adapter`).
 - `quantized_names`: the weights bitsandbytes quantizes when loading: every nn.Linear but the output
   head (transformers keeps the head in full precision), found on a weightless copy of the model.
 - `round_trip`: a weight as the 4-bit model computes with it: quantized by bitsandbytes' own
@@ -18,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reprotune.config.sections import QuantConfig, TrainConfig
-from reprotune.hardware import DTYPE_NAMES, resolve
+from reprotune.hardware import DTYPE_NAMES, device_type, resolve
 
 STORAGE_DTYPES = {"auto": "uint8", "uint8": "uint8", **DTYPE_NAMES}
 
@@ -90,3 +91,25 @@ def round_trip(weight, quant: QuantConfig, compute_dtype: str, device: str):
         quant_storage=getattr(torch, STORAGE_DTYPES[quant.bnb_4bit_quant_storage]),
     ).to(device)  # quantizes on the way
     return dequantize_4bit(param.data, param.quant_state).to(dtype).reshape(weight.shape)
+
+
+def load_as_trained(base_dir: Path, adapter_dir: Path, quant: QuantConfig, train: TrainConfig, trust_remote_code: bool):
+    """The adapter on the base as training loaded it: 4-bit (quant section) in the training's compute dtype
+    (evaluate's "as trained", `reprotune chat --adapter`)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs = load_kwargs(quant, training_compute_dtype(quant, train), device_type())
+    base = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, **kwargs)
+    model = PeftModel.from_pretrained(base, adapter_dir).to(device_type()).eval()
+    if quant.load_in_4bit:
+        from bitsandbytes.nn import Linear4bit
+
+        for module in model.modules():
+            # bitsandbytes' CPU inference path (eval mode, on CPUs with AVX512-BF16) repacks the 4-bit weights
+            # for a bf16 kernel, which rounds differently from training's dequantize-then-matmul in the compute
+            # dtype. The flag is set on bitsandbytes' own 4-bit layers only (they have no children and no
+            # train-only behaviour), never through .train(): peft's LoRA wrapper would switch its dropout on.
+            if isinstance(module, Linear4bit):
+                module.training = True
+    return model

@@ -1,0 +1,104 @@
+"""`reprotune chat` on the built-in model: greedy answers through the chat template that stop at the stop
+tokens, multi-turn history, Ctrl-C stopping one answer and not the session, the scripted forms, a bad
+model folder as one line and exit 2, and a real terminal (tmux) session."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reprotune import cli
+from reprotune.chat import Sampling, answer, converse, load_folder, prompt_ids
+from reprotune.evaluate import greedy
+
+BIN = Path(sys.executable).parent
+SHORT = Sampling(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def speaker(tiny_model_dir):
+    return load_folder(tiny_model_dir, "tuned")
+
+
+def test_an_answer_is_the_greedy_continuation_through_the_chat_template(speaker):
+    pieces = []
+    text = answer(speaker, "What is 2 + 3?", SHORT, pieces.append)
+    ids = greedy(speaker.model, prompt_ids(speaker.tokenizer, speaker.history[:1]), 6, set(speaker.stops))
+    assert text == "".join(pieces) == speaker.tokenizer.decode(ids, skip_special_tokens=True)
+    assert speaker.history[-1] == {"role": "assistant", "content": text}
+
+
+def test_each_message_follows_the_conversation_so_far(speaker):
+    out = io.StringIO()
+    converse([speaker], ["Hi.", "And then?"], SHORT, system="Answer briefly.", out=out)
+    assert [m["role"] for m in speaker.history] == ["system", "user", "assistant", "user", "assistant"]
+    second = prompt_ids(speaker.tokenizer, speaker.history[:4])
+    assert speaker.tokenizer.decode(second).count("Hi.") == 1  # the first exchange is in the second prompt
+    assert out.getvalue().startswith("> Hi.\n")
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(speaker):
+    written = []
+
+    def interrupted(piece):
+        written.append(piece)
+        if len(written) == 1:
+            raise KeyboardInterrupt  # as a Ctrl-C during generation arrives
+
+    speaker.history = []
+    first = answer(speaker, "Count to ten.", Sampling(max_new_tokens=20), interrupted)
+    assert written[-1] == " [stopped]" and speaker.history[-1]["content"] == first
+    assert answer(speaker, "Again.", SHORT, written.append) is not None  # the session goes on
+
+
+def test_scripted_prompts_and_a_bad_folder(tiny_model_dir, tmp_path, capsys):
+    assert cli.main(["chat", str(tiny_model_dir), "--prompt", "Hi.", "--prompt", "Bye.", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("> Hi.\n") and "\n> Bye.\n" in printed
+    assert cli.main(["chat", str(tmp_path / "none"), "--prompt", "Hi."]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"{tmp_path / 'none'}: no model folder there (run the pipeline first: `dvc repro`)"
+    )
+
+
+def test_prompts_on_standard_input(tiny_model_dir):
+    command = [str(BIN / "reprotune"), "chat", str(tiny_model_dir), "--max-new-tokens", "3", "--each"]
+    result = subprocess.run(command, input="One?\nTwo?\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith(">")] == ["> One?", "> Two?"]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_a_terminal_session(tiny_model_dir, tmp_path):
+    """Typed as a person would: a question, its streamed answer, the next prompt; Ctrl-D ends it."""
+    session = f"reprotune-chat-{time.monotonic_ns()}"
+    command = f"{BIN / 'reprotune'} chat {tiny_model_dir} --max-new-tokens 4; echo chat-exited-$?"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", "bash --norc"], check=True)
+    subprocess.run(["tmux", "send-keys", "-t", session, command, "Enter"], check=True)
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+
+    def wait_for(predicate, seconds: float = 120) -> str:
+        deadline = time.monotonic() + seconds
+        while not predicate(text := screen()):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        return text
+
+    try:
+        wait_for(lambda s: "you>" in s.split("chat-exited")[-1])  # the pane drops trailing spaces
+        subprocess.run(["tmux", "send-keys", "-t", session, "What is 2 + 3?", "Enter"], check=True)
+        shown = wait_for(lambda s: s.count("you>") == 2)  # answered, asking again
+        assert "you> What is 2 + 3?" in shown
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-d"], check=True)
+        wait_for(lambda s: "chat-exited-0" in s)  # the echo after it, not the typed command line's `-$?`
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
