@@ -174,6 +174,7 @@ DOORS = [
         {
             "missing": lambda good: None,
             "empty": lambda good: b"",
+            "truncated (inside its header)": lambda good: good[:1000],
             "truncated (1 MB of it)": lambda good: good[: 1 << 20],
             "truncated (half)": half,
             "wrong format (safetensors)": lambda good: (REPO / "tests/fixtures/tokenize/builtin.json").read_bytes(),
@@ -377,3 +378,19 @@ def test_the_reported_cases_exit_2_without_a_traceback(tmp_path, args, file, con
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and str(path) in result.stderr
     assert not (tmp_path / "out.yaml").exists()
+
+
+def test_a_model_folder_missing_a_shard_its_index_names(tmp_path):
+    """A half-copied sharded folder: the index names two shards, one is there."""
+    import torch
+    from safetensors.torch import save_file
+
+    from reprotune.errors import BadInput
+    from reprotune.files import check_model_folder
+
+    save_file({"a": torch.zeros(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(BadInput, match=r"model.safetensors.index.json: names shard\(s\) the folder lacks: model-00002"):
+        check_model_folder(tmp_path, names)

@@ -52,9 +52,55 @@ def test_ctrl_c_stops_the_answer_not_the_session(speaker):
             raise KeyboardInterrupt  # as a Ctrl-C during generation arrives
 
     speaker.history = []
-    first = answer(speaker, "Count to ten.", Sampling(max_new_tokens=20), interrupted)
-    assert written[-1] == " [stopped]" and speaker.history[-1]["content"] == first
-    assert answer(speaker, "Again.", SHORT, written.append) is not None  # the session goes on
+    whole = answer(speaker, "Count to ten.", Sampling(max_new_tokens=20), lambda piece: None)
+    speaker.history = []
+    cut = answer(speaker, "Count to ten.", Sampling(max_new_tokens=20), interrupted)
+    assert written[-1] == " [stopped]" and len(cut) < len(whole) and whole.startswith(cut)
+    assert speaker.history[-1]["content"] == cut  # what was said stays in the conversation
+    after = answer(speaker, "Again.", SHORT, written.append)  # the session goes on
+    assert speaker.history[-2:] == [{"role": "user", "content": "Again."}, {"role": "assistant", "content": after}]
+
+
+def test_compare_answers_with_the_base_then_the_tuned_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "models").mkdir()
+    for name in ("base", "export"):
+        (tmp_path / "models" / name).symlink_to(tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["chat", "--compare", "--prompt", "Hi.", "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "> Hi." and lines[1].startswith("[base] ") and lines[2].startswith("[tuned] ")
+    assert lines[1].removeprefix("[base] ") == lines[2].removeprefix("[tuned] ")  # here the same model
+
+
+def test_adapter_as_trained(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """models/adapter on the 4-bit base, with the quantization its training_config.json records."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from reprotune.quant import load_as_trained
+    from reprotune.train.run import params_read
+
+    from helpers import SHIPPED
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/base").symlink_to(tiny_model_dir)
+    adapter = tmp_path / "models/adapter"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, init_lora_weights=False)
+    )
+    model.save_pretrained(adapter)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (adapter / name).write_bytes((tiny_model_dir / name).read_bytes())
+    (adapter / "training_config.json").write_text(json.dumps({"params": params_read(SHIPPED)}))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["chat", "--adapter", "--prompt", "Hi.", "--max-new-tokens", "5"]) == 0
+    said = capsys.readouterr().out.splitlines()[1]
+    trained = load_as_trained(tiny_model_dir, adapter, SHIPPED.quant, SHIPPED.train, False)
+    speaker = load_folder(tiny_model_dir, "tuned")
+    ids = greedy(trained, prompt_ids(speaker.tokenizer, [{"role": "user", "content": "Hi."}]), 5, set(speaker.stops))
+    assert said == speaker.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_scripted_prompts_and_a_bad_folder(tiny_model_dir, tmp_path, capsys):

@@ -323,3 +323,15 @@ def test_a_template_that_renders_other_text_by_a_content_is_refused():
     )
     with pytest.raises(TokenizeError, match=r"'user' message's content once, as written"):
         encode(tok, [fx.CONVERSATION], roles_to_train=("user", "assistant"))
+
+
+def test_qwen3_reasoning_in_an_answer_is_trained_with_it():
+    """Qwen 3's template renders an answer's `<think>...</think>` as its thinking block: reasoning and answer
+    are the answer's labelled text, as Axolotl trains them."""
+    from reprotune.model.chat_templates import named_template
+
+    tok = copy.deepcopy(fx.load_tokenizer("builtin"))
+    tok.chat_template = named_template("qwen3")
+    record = fx.chat(("user", "What is 2 + 2?"), ("assistant", "<think>\nadd them\n</think>\n\n4"))
+    [seq] = encode(tok, [record]).sequences
+    assert [tok.decode(r) for r in runs(seq)] == ["add them\n</think>\n\n4<|im_end|>"]

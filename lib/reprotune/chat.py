@@ -23,6 +23,7 @@ Trade-offs
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -65,7 +66,18 @@ def load_folder(folder: Path, name: str) -> Speaker:
     _check_folder(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = load_model(folder, stored_dtype(read_config(folder)) or "float32", trust_remote_code=False)
-    return Speaker(name, model, tokenizer, sorted(stop_token_ids(folder, tokenizer)))
+    return _speaker(name, model, tokenizer, stop_token_ids(folder, tokenizer))
+
+
+def _speaker(name: str, model, tokenizer, stops: set[int]) -> Speaker:
+    """The model with a generation config of its stop tokens only: a folder's own generation_config.json
+    (a hub model's repetition penalty, top-k, sampling) would otherwise bend every answer; here greedy is
+    greedy, and sampling is what the options say."""
+    from transformers import GenerationConfig
+
+    stops = sorted(stops)
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=stops[0])
+    return Speaker(name, model, tokenizer, stops)
 
 
 def load_adapter(base: Path, adapter: Path) -> Speaker:
@@ -77,31 +89,55 @@ def load_adapter(base: Path, adapter: Path) -> Speaker:
     from reprotune.quant import load_as_trained
 
     _check_folder(base)
-    trained = read_json_object(Path(adapter) / "training_config.json")["params"]
+    config = Path(adapter) / "training_config.json"
+    trained = read_json_object(config).get("params")
+    if not isinstance(trained, dict):
+        raise BadInput(f"{config}: has no params record (an adapter written by the train stage has one)")
     quant, train = (
-        cls(**{k.split(".", 1)[1]: v for k, v in trained.items() if k.startswith(f"{section}.")})
-        for section, cls in (("quant", QuantConfig), ("train", TrainConfig))
+        _section(cls, section, trained) for section, cls in (("quant", QuantConfig), ("train", TrainConfig))
     )
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = load_as_trained(base, adapter, quant, train, trust_remote_code=False)
-    return Speaker("as trained", model, tokenizer, sorted(stop_token_ids(base, tokenizer)))
+    return _speaker("as trained", model, tokenizer, stop_token_ids(base, tokenizer))
+
+
+def _section(cls, section: str, trained: dict):
+    """A params section from the adapter's record of what training read, in today's keys: a key added since
+    takes its schema default, one removed since is left out."""
+    import dataclasses
+
+    from reprotune.config.check import fill_defaults, schema
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    given = {k.split(".", 1)[1]: v for k, v in trained.items() if k.startswith(f"{section}.")}
+    filled = fill_defaults({section: {k: v for k, v in given.items() if k in known}}, schema())[section]
+    return cls(**filled)
 
 
 def _check_folder(folder: Path) -> None:
+    """A model folder whose files load (files.check_model_folder's checks), or BadInput naming it."""
+    from reprotune.files import check_model_folder
+
     if not folder.is_dir():
         raise BadInput(f"{folder}: no model folder there (run the pipeline first: `dvc repro`)")
-    read_json_object(folder / "config.json")
-    if not any(folder.glob("*.safetensors")):
-        raise BadInput(f"{folder}: holds no *.safetensors weights")
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        raise BadInput(f"{folder}: not a model folder (config.json and *.safetensors weights)")
+    check_model_folder(folder, names)
 
 
 def answer(speaker: Speaker, message: str, sampling: Sampling, write: Callable[[str], None]) -> str:
     """The speaker's answer to `message` after its history, written piece by piece as it is generated;
     both join the history. Ctrl-C stops the answer where it is."""
+    import jinja2
     import torch
 
+    try:
+        ids = prompt_ids(speaker.tokenizer, [*speaker.history, {"role": "user", "content": message}])
+    except jinja2.TemplateError as e:  # e.g. a system message to a template without a system role
+        write(f"[the chat template refused the conversation: {e}]")
+        return ""
     speaker.history.append({"role": "user", "content": message})
-    ids = prompt_ids(speaker.tokenizer, speaker.history)
     streamer = _Streamer(speaker.tokenizer, write)
     kwargs = {"do_sample": False}
     if sampling.temperature > 0:
@@ -119,6 +155,7 @@ def answer(speaker: Speaker, message: str, sampling: Sampling, write: Callable[[
                 **kwargs,
             )
     except KeyboardInterrupt:
+        streamer.end()
         write(" [stopped]")
     text = streamer.text()
     speaker.history.append({"role": "assistant", "content": text})
@@ -156,9 +193,10 @@ class _Streamer:
 
     def end(self) -> None:
         text = self.text()
-        if text.startswith(self.shown):
-            self.write(text[len(self.shown) :])
-            self.shown = text
+        # a tokenizer whose decode changes earlier text as later tokens come: write what is not yet shown
+        common = len(os.path.commonprefix([text, self.shown]))
+        self.write(text[common:])
+        self.shown = text
 
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)

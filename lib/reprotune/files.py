@@ -55,6 +55,10 @@ def _mapping(path: Path, expected: str, if_empty: str, parse) -> dict:
         value = parse(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise BadInput(f"{path}: {_syntax_error(e)}") from None
+    except (ValueError, RecursionError) as e:  # a value YAML cannot build (`2024-02-30`), nesting too deep
+        raise BadInput(f"{path}: not readable ({type(e).__name__}: {e})") from None
+    if value is None:  # comments only
+        raise BadInput(f"{path}: is empty; expected {expected}{if_empty}")
     if not isinstance(value, dict):
         raise BadInput(f"{path}: expected {expected}, this file holds {kind_of(value)}")
     return value
@@ -76,8 +80,26 @@ def check_safetensors(path: Path) -> None:
             raise BadInput(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise BadInput(f"{path}: not a safetensors file (its header is not a JSON object)")
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    try:
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise BadInput(f"{path}: not a safetensors file (a tensor entry of its header has no data_offsets)") from None
     check_size(path, size, 8 + length + max(ends, default=0))
+
+
+def check_model_folder(folder: Path, names: list[str]) -> None:
+    """Files `names` of a model folder as the stages read them: every JSON file a JSON object, every
+    safetensors file whole, and every shard a safetensors index names present."""
+    for name in names:
+        if name.endswith(".json"):
+            read_json_object(folder / name)
+        elif name.endswith(".safetensors"):
+            check_safetensors(folder / name)
+    for index in (n for n in names if n.endswith(".safetensors.index.json")):
+        shards = set(read_json_object(folder / index).get("weight_map", {}).values())
+        missing = sorted(shards - set(names))
+        if missing:
+            raise BadInput(f"{folder / index}: names shard(s) the folder lacks: {', '.join(missing)}")
 
 
 def check_size(path: Path, size: int, declared: int) -> None:

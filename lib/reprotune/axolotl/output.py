@@ -103,7 +103,7 @@ def read_axolotl_config(source: Path) -> dict:
     """The Axolotl config in `source`, or BadInput naming the file: unreadable, empty, not YAML, not a
     mapping, or a reprotune params file given by mistake."""
     cfg = read_yaml_mapping(source, "an Axolotl config")
-    if set(cfg) <= set(SECTIONS):
+    if cfg and set(cfg) <= set(SECTIONS):
         raise BadInput(
             f"{source}: is a reprotune params file (sections {', '.join(cfg)}), not an Axolotl config; "
             "check it with `reprotune check`"

@@ -79,11 +79,14 @@ def validate(params: Params, inputs: ValidateInputs, out_dir: Path) -> dict:
                 sink.take(raw, ds, index, test, counts)
             if test and counts.kept == before.kept:
                 raise DataError(f"data.test_datasets[{index}] ({ds.path}): no valid record: an empty validation set")
+            read = counts.read - before.read
+            if read == 0:
+                raise DataError(f"{ds.path}: holds no record")
             if counts.kept == before.kept and counts.duplicates == before.duplicates:
                 # every record rejected: the wrong file, or the wrong type for it; say so rather than go on
                 raise DataError(
-                    f"{ds.path}: no valid record among the {counts.read - before.read} read (the first rejected: "
-                    f"{sink.first_reject}); is it the file meant, and is data.datasets type {ds.type} its layout?"
+                    f"{ds.path}: no valid record among the {read} read (the first rejected: {sink.first_reject}); "
+                    f"is it the file meant, and is data.datasets type {ds.type} its layout?"
                 )
         sink.flush()
     write_datasets(out_dir / DATASETS, [DatasetEntry.of(ds, test) for ds, test in datasets])

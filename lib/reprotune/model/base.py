@@ -27,7 +27,7 @@ from typing import Any
 from reprotune.config import Params
 from reprotune.config.check import BUILTIN_PREFIX
 from reprotune.errors import BadInput
-from reprotune.files import check_safetensors, read_json_object
+from reprotune.files import check_model_folder
 from reprotune.io import sha256_tree, write_json
 from reprotune.loading import PROVENANCE_FILE, TOKENIZER_FILES
 from reprotune.model.builtin import build_tiny_llama
@@ -103,7 +103,7 @@ def _from_local(model: str, src: Path, out_dir: Path, trust_remote_code: bool) -
     _check_weights(model, names)
     patterns = LOCAL_PATTERNS + (CODE_PATTERNS if trust_remote_code else [])
     kept = [name for name in names if _matches(name, patterns) and not _matches(name, PICKLE_PATTERNS)]
-    _check_files(src, kept)
+    check_model_folder(src, kept)  # a broken or half-copied folder stops here (exit 2), not at training
     for name in kept:
         shutil.copyfile(src / name, out_dir / name)  # follows symlinks, e.g. an HF cache snapshot
     # A folder has no revision; its content is pinned by the file hashes instead.
@@ -132,7 +132,7 @@ def _from_hub(model: str, revision: str | None, out_dir: Path, trust_remote_code
     shutil.rmtree(out_dir / ".cache", ignore_errors=True)
     names = sorted(p.name for p in out_dir.iterdir() if p.is_file())
     _check_weights(model, names)
-    _check_files(out_dir, names)
+    check_model_folder(out_dir, [name for name in names if _matches(name, LOCAL_PATTERNS)])
     return {"source": "hub", "model": model, "revision": revision, "commit_sha": sha,
             "files": sha256_tree(out_dir)}  # fmt: skip
 
@@ -147,16 +147,6 @@ def _check_weights(model: str, names: list[str]) -> None:
                 "pickles can run arbitrary code when loaded. Convert them to .safetensors first."
             )
         raise BadInput(f"base.model: {model!r} has no *.safetensors weights")
-
-
-def _check_files(folder: Path, names: list[str]) -> None:
-    """Every JSON file the stages read is a JSON object and every safetensors file is whole, so a broken
-    or half-copied folder stops here (exit 2, the file named) and not at training."""
-    for name in names:
-        if name.endswith(".json"):
-            read_json_object(folder / name)
-        elif name.endswith(".safetensors"):
-            check_safetensors(folder / name)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

@@ -85,12 +85,14 @@ def _header(path: Path):
     _, version, tensors, entries = GGUF_HEADER.unpack(head)
     try:
         reader = _header_reader()(path)
-    except Exception:  # the reader's numpy views fail in several ways on a short or damaged header
+    except Exception as e:  # the reader's numpy views fail in several ways on a short or damaged header
         raise BadInput(
-            f"{path}: cut short or damaged: its {size:,} bytes end before the {entries} metadata entries and "
-            f"{tensors} tensor descriptions its header (GGUF v{version}) declares"
+            f"{path}: its header cannot be read ({type(e).__name__}: {e}); the file has {size:,} bytes for the "
+            f"{entries} metadata entries and {tensors} tensor descriptions its header (GGUF v{version}) declares: "
+            "cut short, or damaged"
         ) from None
-    check_size(path, size, reader.declared_end)
+    if hasattr(reader, "declared_end"):  # gguf called the hook (its private API; pinned in constraints.txt)
+        check_size(path, size, reader.declared_end)
     return reader
 
 

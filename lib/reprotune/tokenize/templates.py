@@ -298,9 +298,10 @@ class PromptEncoder:
         tail = _common_prefix(full[start:][::-1], probe[start:][::-1], min(len(full), len(probe)) - start)
         if probe == full:
             return None
-        # the sentinel's first and last characters occur in no text, so the differing part of the probe is
-        # exactly the sentinel unless the template rewrote the content or rendered something else by it
-        if probe[start : len(probe) - tail] != SENTINEL:
+        # the differing part holds the sentinel, once: a template that rewrites the content loses it, one that
+        # renders the content elsewhere too (an echo) shows it twice. Other text may differ around it: Qwen 3
+        # moves a `<think>...</think>` block out of an answer's content and renders it before the rest
+        if probe.count(SENTINEL) != 1 or probe.find(SENTINEL, start, len(probe) - tail) < 0:
             raise TokenizeError(
                 f"{record['source']}:{record['line']}: chat template of {self.tokenizer.name_or_path!r} "
                 f"does not render a {messages[i]['role']!r} message's content once, as written (it rewrites it, or "
