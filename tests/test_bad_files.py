@@ -133,18 +133,33 @@ def config_json(root: Path) -> bytes:
     return (root / "models/local/m/config.json").read_bytes()
 
 
+def alpaca_table():
+    return pa.table({"instruction": ["Say hi."] * 50, "input": [""] * 50, "output": ["hi"] * 50})
+
+
 def parquet_bytes(root: Path) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(pa.table({"instruction": ["Say hi."] * 50, "input": [""] * 50, "output": ["hi"] * 50}), sink)
+    pq.write_table(alpaca_table(), sink)
     return sink.getvalue()
 
 
 def arrow_bytes(root: Path) -> bytes:
     sink = io.BytesIO()
-    table = pa.table({"instruction": ["Say hi."] * 50, "input": [""] * 50, "output": ["hi"] * 50})
+    table = alpaca_table()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue()
+
+
+def json_kinds(opening: bytes, wrong_type: bytes) -> dict:
+    """A JSON file's bad kinds: `opening` is its first bracket (a comma after it breaks the syntax)."""
+    return {
+        "empty": lambda good: b"",
+        "not UTF-8": lambda good: NOT_UTF8 + good,
+        "wrong syntax": lambda good: good.replace(opening, opening + b",", 1),
+        "wrong top-level type": lambda good: wrong_type,
+        "truncated": half,
+    }
 
 
 def dataset(path: str, kind: str = "alpaca", **keys) -> dict:
@@ -186,13 +201,7 @@ DOORS = [
         "base: folder's config.json",
         "models/local/m/config.json",
         config_json,
-        {
-            "empty": lambda good: b"",
-            "not UTF-8": lambda good: NOT_UTF8 + good,
-            "wrong syntax": lambda good: good.replace(b"{", b"{,", 1),
-            "wrong top-level type": lambda good: b"[1, 2]",
-            "truncated": half,
-        },
+        json_kinds(b"{", b"[1, 2]"),
         stage_door("base"),
         {"base": {"model": "models/local/m"}},
     ),
@@ -229,13 +238,7 @@ DOORS = [
         "validate: chat .json",
         "data/raw/d.json",
         text(json.dumps([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])),
-        {
-            "empty": lambda good: b"",
-            "not UTF-8": lambda good: NOT_UTF8 + good,
-            "wrong syntax": lambda good: good.replace(b"[", b"[,", 1),
-            "wrong top-level type": lambda good: b'{"messages": []}',
-            "truncated": half,
-        },
+        json_kinds(b"[", b'{"messages": []}'),
         stage_door("validate"),
         dataset("data/raw/d.json", "chat_template"),
     ),

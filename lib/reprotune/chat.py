@@ -207,21 +207,22 @@ def converse(speakers: list[Speaker], messages: Iterable[str], sampling: Samplin
     """Answer each message with every speaker, writing to `out` (standard output). `each`: a fresh
     conversation per message."""
     out = out or sys.stdout
+    opening = [{"role": "system", "content": system}] if system else []
     for speaker in speakers:
-        speaker.history = [{"role": "system", "content": system}] if system else []
+        speaker.history = list(opening)
     for message in messages:
         if message.strip() in EXIT_COMMANDS:
             return
         if message.strip() == "/reset":
             for speaker in speakers:
-                speaker.history = speaker.history[:1] if system else []
+                speaker.history = list(opening)
             out.write("(history cleared)\n")
             continue
         if echo:
             out.write(f"> {message}\n")
         for speaker in speakers:
             if each:
-                speaker.history = [{"role": "system", "content": system}] if system else []
+                speaker.history = list(opening)
             if len(speakers) > 1:
                 out.write(f"[{speaker.name}] ")
             answer(speaker, message, sampling, lambda piece: (out.write(piece), out.flush()))

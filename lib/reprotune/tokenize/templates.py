@@ -264,9 +264,9 @@ class PromptEncoder:
         # the tokens that end a turn: EOS, and the one closing the conversation's last turn (<|im_end|>,
         # <|eot_id|>); a special token after a content that closes no turn opens the next one ([/INST] on
         # Mistral's tokenizers, <|im_start|> in a template without <|im_end|>) and stays untrained
-        closers = {self.tokenizer.eos_token, *([self._special_after(full, last[1])] if last else [])} - {None}
+        closers = {self.tokenizer.eos_token, *([self._special_after(full, last[1])[1]] if last else [])} - {None}
         spans = []
-        for i, content in sorted(located.items()):
+        for i, content in located.items():  # in message order
             if content is None:
                 continue  # the template does not render this message (e.g. a system message it drops)
             if i in trained:
@@ -294,10 +294,10 @@ class PromptEncoder:
         differently by position, e.g. Qwen 3's thinking block on the last answer only, is read as rendered).
         None when the template does not render the message at all."""
         probe = self._apply([*messages[:i], {**messages[i], "content": SENTINEL}, *messages[i + 1 :]], record)
-        start = _common_prefix(full, probe, min(len(full), len(probe)))
-        tail = _common_prefix(full[start:][::-1], probe[start:][::-1], min(len(full), len(probe)) - start)
         if probe == full:
             return None
+        start = _common_prefix(full, probe, min(len(full), len(probe)))
+        tail = _common_prefix(full[start:][::-1], probe[start:][::-1], min(len(full), len(probe)) - start)
         # the differing part holds the sentinel, once: a template that rewrites the content loses it, one that
         # renders the content elsewhere too (an echo) shows it twice. Other text may differ around it: Qwen 3
         # moves a `<think>...</think>` block out of an answer's content and renders it before the rest
@@ -315,19 +315,17 @@ class PromptEncoder:
         right after it, whitespace aside, when it is one of `closers` (<|im_end|>, </s>, <|eot_id|>); None
         where plain text follows (the " [/INST]" after a Llama-2 user turn) or a token that opens the next
         turn. Whitespace after the token stays untrained: generation stops at the token."""
-        closing = self._special_after(full, content_end)
-        if closing not in closers:
-            return None
-        at = full.index(closing, content_end)
-        return at, at + len(closing)
+        at, closing = self._special_after(full, content_end)
+        return (at, at + len(closing)) if closing in closers else None
 
-    def _special_after(self, full: str, content_end: int) -> str | None:
-        """The special token right after `content_end`, whitespace aside (the longest that matches)."""
+    def _special_after(self, full: str, content_end: int) -> tuple[int, str | None]:
+        """Where the text after `content_end` resumes, whitespace aside, and the special token there (the
+        longest that matches), or None."""
         rest = full[content_end:]
         at = content_end + len(rest) - len(rest.lstrip())
         if not full.startswith(self.specials, at):  # one test over all of them (Llama-3 has 256) first
-            return None
-        return next(s for s in self.specials if full.startswith(s, at))
+            return at, None
+        return at, next(s for s in self.specials if full.startswith(s, at))
 
 
 def _common_prefix(a: str, b: str, limit: int) -> int:
