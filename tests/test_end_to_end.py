@@ -15,6 +15,7 @@ import yaml
 from conftest import copy_repo, output_hashes, shorten_training
 
 BIN = Path(sys.executable).parent
+STAGES = list(yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"])
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -121,6 +122,23 @@ def test_deterministic_outputs_let_later_stages_come_from_the_cache(pipeline, tm
     assert output_hashes(clone) == output_hashes(first)
 
 
+def test_a_forced_rerun_reproduces_every_output_and_leaves_dvc_lock_byte_identical(pipeline):
+    """Timings, memory and float rounding noise live in metrics/runtime/ (top-level metrics, not locked), so
+    rerunning every stage on the same inputs changes them and nothing in dvc.lock: a retrain that changed
+    nothing commits nothing."""
+    repo, _, _ = pipeline
+    lock = (repo / "dvc.lock").read_bytes()
+    runtime = {path.name: path.read_bytes() for path in (repo / "metrics/runtime").iterdir()}
+    assert sorted(runtime) == sorted(f"{stage}.json" for stage in STAGES)
+    log = dvc(repo, "repro", "--force")
+    assert all(f"Running stage '{stage}'" in log for stage in STAGES), log
+    assert (repo / "dvc.lock").read_bytes() == lock
+    assert {path.name: path.read_bytes() for path in (repo / "metrics/runtime").iterdir()} != runtime
+    shown = json.loads(dvc(repo, "metrics", "show", "--json"))
+    train = next(iter(shown.values()))["data"]["metrics/runtime/train.json"]["data"]
+    assert train["train_seconds"] > 0 and train["peak_memory_bytes"] > 0
+
+
 @pytest.mark.slow  # 2.5 min; tests/test_workflow_steps.py runs `dvc exp run -S` sweeps in `make test`
 def test_a_queued_sweep_reruns_only_train_onwards_and_shows_in_exp_show(pipeline):
     """`dvc exp run --queue -S ...` twice, `dvc queue start`, `dvc exp show`: the README's sweep, shortened
@@ -147,4 +165,5 @@ def test_a_queued_sweep_reruns_only_train_onwards_and_shows_in_exp_show(pipeline
             data = rev["data"]
             tuned = data["metrics"]["metrics/evaluate.json"]["data"]["as_shipped"]
             ranks[data["params"]["params.yaml"]["data"]["lora"]["r"]] = tuned["loss"]
+            assert data["metrics"]["metrics/runtime/train.json"]["data"]["train_seconds"] > 0  # carried in git
     assert sorted(ranks) == [4, 8] and all(loss > 0 for loss in ranks.values())

@@ -16,6 +16,7 @@ from conftest import REPO, SHORT_RUN, copy_repo
 from reprotune import cli
 from reprotune.axolotl import IGNORED, MAPPED, TRANSLATED, UNSUPPORTED, key_map_markdown, translate
 from reprotune.config.check import check_params
+from reprotune.train.trackers import KEYS as TRACKER_KEYS
 
 CONFIGS = REPO / "tests/fixtures/axolotl"
 BIN = Path(sys.executable).parent
@@ -91,7 +92,58 @@ def test_values_are_axolotls_and_pairs_are_read_together():
     values, rows = translate(yaml.safe_load((CONFIGS / "wandb_and_speed.yml").read_text()))
     assert values["quant.bnb_4bit_quant_type"] == "nf4" and values["train.gradient_checkpointing"] is True
     assert values["train.attn_implementation"] == "flash_attention_2"
-    assert {row.status for row in rows if row.key.startswith("wandb_")} == {TRANSLATED}
+    assert values["train.report_to"] == ["dvclive", "wandb"]
+    assert (values["train.wandb_project"], values["train.wandb_entity"], values["train.wandb_name"]) == (
+        "qwen-sft",
+        "my-team",
+        "run-1",
+    )
+    status = {row.key: row.status for row in rows}
+    assert status["wandb_watch"] == status["wandb_log_model"] == IGNORED
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (
+            {"wandb_project": "p", "wandb_mode": "offline"},
+            {"report_to": ["dvclive", "wandb"], "wandb_project": "p", "wandb_mode": "offline"},
+        ),
+        ({"wandb_name": "n"}, {}),  # no wandb_project: W&B is off in Axolotl, so is the name
+        (
+            {"wandb_project": "p", "wandb_run_id": "abc"},
+            {"report_to": ["dvclive", "wandb"], "wandb_project": "p", "wandb_name": "abc"},
+        ),
+        (
+            {"mlflow_tracking_uri": "http://mlflow:5000", "mlflow_experiment_name": "e", "mlflow_run_name": "r"},
+            {
+                "report_to": ["dvclive", "mlflow"],
+                "mlflow_tracking_uri": "http://mlflow:5000",
+                "mlflow_experiment_name": "e",
+                "mlflow_run_name": "r",
+            },
+        ),
+        (  # one run name for both: W&B's, as Axolotl gives the Trainer
+            {"wandb_project": "p", "wandb_name": "w", "mlflow_experiment_name": "e", "mlflow_run_name": "r"},
+            {
+                "report_to": ["dvclive", "wandb", "mlflow"],
+                "wandb_project": "p",
+                "wandb_name": "w",
+                "mlflow_experiment_name": "e",
+            },
+        ),
+        ({"use_tensorboard": True}, {"report_to": ["dvclive", "tensorboard"]}),
+        ({"use_mlflow": True}, {"report_to": ["dvclive", "mlflow"]}),
+    ],
+)
+def test_tracker_keys_map_onto_report_to_and_pass_the_check(config, expected, tmp_path):
+    values, rows = translate({"base_model": "builtin:tiny-llama", "adapter": "qlora", **config})
+    train = {k.removeprefix("train."): v for k, v in values.items() if k.startswith("train.")}
+    assert {k: v for k, v in train.items() if k in TRACKER_KEYS} == expected
+    assert all(row.status != UNSUPPORTED for row in rows if row.key in config), rows
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": train}))
+    assert not check_params(yaml.safe_load(path.read_text()))[1]  # report_to and the names agree
 
 
 def test_an_unknown_key_is_never_dropped_silently():

@@ -389,8 +389,10 @@ def test_stage_writes_model_and_metrics_or_nothing(base, adapter, packed, tmp_pa
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(REPO / "stages/merge.py"), run_name="__main__")
     metrics = json.loads(Path("metrics/merge.json").read_text())
-    assert metrics["verify_sequences"] == 3 and metrics["shards"] == 1 and metrics["peak_rss_mb"] > 0
-    assert metrics["seconds"] > 0  # added by the doorway
+    assert metrics["verify_sequences"] == 3 and metrics["shards"] == 1 and metrics["rtol"] == 1e-4
+    runtime = json.loads(Path("metrics/runtime/merge.json").read_text())  # apart from the locked results
+    assert runtime["seconds"] > 0 and runtime["peak_rss_mb"] > 0 and runtime["max_abs_diff"] <= runtime["tolerance"]
+    assert not set(runtime) & set(metrics)
     assert (tmp_path / "models/merged/model.safetensors").is_file()
 
     monkeypatch.setattr(merge_mod, "RTOL", {torch.float32: -1.0})  # no tolerance at all

@@ -1,4 +1,4 @@
-"""The stage doorway: outputs swapped in whole, metrics with seconds, discarded non-main outputs, exit 2."""
+"""The stage doorway: outputs swapped in whole, results apart from run figures, non-main outputs discarded, exit 2."""
 
 import json
 import logging
@@ -22,13 +22,16 @@ def writes(name: str, metrics: dict | None):
     return core
 
 
-def test_the_folder_replaces_the_output_and_metrics_get_seconds(tmp_path):
+def test_the_folder_replaces_the_output_and_run_figures_go_apart_from_results(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out/stale").write_text("old")
-    result = execute(writes("new", {"n": 1}), SHIPPED, "hello", out=tmp_path / "out", metrics=tmp_path / "m.json")
+    core = writes("new", {"n": 1, "peak_rss_mb": 5.0, "max_abs_diff": 1e-6, "rtol": 1e-4})
+    metrics, runtime = tmp_path / "m.json", tmp_path / "runtime/m.json"
+    result = execute(core, SHIPPED, "hello", out=tmp_path / "out", metrics=metrics, runtime=runtime)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new"]  # replaced whole, not merged
-    assert result["n"] == 1 and result["seconds"] >= 0
-    assert json.loads((tmp_path / "m.json").read_text()) == result
+    assert result["n"] == 1 and result["seconds"] >= 0 and result["peak_rss_mb"] == 5.0  # returned whole
+    assert json.loads(metrics.read_text()) == {"n": 1, "rtol": 1e-4}  # locked by DVC: results only
+    assert json.loads(runtime.read_text()) == {"seconds": result["seconds"], "peak_rss_mb": 5.0, "max_abs_diff": 1e-6}
 
 
 def test_named_files_move_into_place(tmp_path):

@@ -78,17 +78,18 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def temporary_env(name: str, value: str) -> Iterator[None]:
-    """Set environment variable `name` to `value` inside the block, restoring it (or its absence) after."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def temporary_env(values: dict[str, str]) -> Iterator[None]:
+    """The environment variables `values` set inside the block, each restored (or removed again) after."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _umask() -> int:

@@ -13,7 +13,14 @@ EXPORT = Path("models/export")
 METRICS = Path("metrics")
 CHECKPOINTS = Path("checkpoints/train")  # resumable training state, outside DVC (see reprotune.train)
 DVCLIVE = Path("dvclive")
+TRACKERS = Path("trackers")  # W&B, MLflow and TensorBoard files of train.report_to, outside DVC (see reprotune.train)
 
 
 def metrics_file(stage: str) -> Path:
+    """What the stage produced: hashed into dvc.lock."""
     return METRICS / f"{stage}.json"
+
+
+def runtime_file(stage: str) -> Path:
+    """How the stage ran on this machine (seconds, memory, ...): dvc.yaml's top-level metrics, not locked."""
+    return METRICS / "runtime" / f"{stage}.json"

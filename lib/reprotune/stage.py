@@ -7,7 +7,13 @@ Every library core has one signature, `core(params, inputs, out_dir) -> metrics`
   out_dir  an empty temporary folder; the core writes its outputs there and returns its metrics
            (None on the non-main processes of a multi-process run: their folder is discarded)
 The doorway then renames the folder over the stage's output (or moves the files it names into place),
-writes the metrics with the stage's wall time added as `seconds`, and logs the stage's report line.
+writes the metrics, and logs the stage's report line.
+
+Results apart from the run's own figures: what a stage produced (losses, counts, exact match) goes to its
+metrics file, which DVC hashes into dvc.lock; how the run went on this machine (RUNTIME_KEYS: the wall time,
+added here as `seconds`, throughput, peak memory, the device, merge's float rounding noise) goes to
+metrics/runtime/<stage>.json, which dvc.yaml lists as top-level metrics: `dvc metrics show` and `dvc exp show`
+read it, dvc.lock never hashes it. So a rerun that reproduces every output leaves dvc.lock byte-identical.
 
 Exit codes: 0 done; 2 bad input (params or data), one message naming the key or file, reported before
 any model is loaded where the check allows; 1 anything else (a bug or a failed run), with the traceback.
@@ -27,8 +33,28 @@ from reprotune.config import Params, load_params
 from reprotune.config.declared import declared_params, restrict
 from reprotune.errors import EXIT_BAD_INPUT, BadInput
 from reprotune.io import atomic_dir, atomic_files, write_json
+from reprotune.layout import runtime_file
 
 Core = Callable[[Params, Any, Path], "dict | None"]
+
+# Metrics keys that describe the run, not its result: they change between runs of the same inputs (time,
+# memory, throughput, the device) or carry float rounding noise that does (the merge check's logit figures,
+# on the same CPU with byte-identical weights).
+RUNTIME_KEYS = frozenset(
+    {
+        "seconds",
+        "train_seconds",
+        "supervised_tokens_per_second",
+        "peak_memory_bytes",
+        "peak_memory_kind",
+        "peak_rss_mb",
+        "device",
+        "max_abs_diff",
+        "noise_floor",
+        "logit_scale",
+        "tolerance",
+    }
+)
 
 # Library notices that say nothing about this run: API renames that peft and the Trainer call inside
 # transformers (the stages use the new names themselves); matched narrowly, by category and message.
@@ -61,7 +87,7 @@ def run_stage(
         warnings.filterwarnings("ignore", message=message, category=category)
     try:
         params = restrict(load_params(params_path), declared_params(name, dvc_yaml), name)
-        result = execute(core, params, inputs, out=out, files=files, metrics=metrics)
+        result = execute(core, params, inputs, out=out, files=files, metrics=metrics, runtime=runtime_file(name))
     except BadInput as e:
         print(f"{name}: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
@@ -78,10 +104,12 @@ def execute(
     out: Path | None = None,
     files: dict[str, Path] | None = None,
     metrics: Path | None = None,
+    runtime: Path | None = None,
 ) -> dict | None:
     """Call `core` with an empty temporary folder. On success the folder replaces `out` (a folder
-    output) or the `files` it holds (name in the folder -> target path) are moved into place, and the
-    metrics, with `seconds` added, are written to `metrics` and returned. On error nothing is left."""
+    output) or the `files` it holds (name in the folder -> target path) are moved into place; the
+    metrics, with `seconds` added, are returned whole and written split: RUNTIME_KEYS to `runtime`, the
+    rest to `metrics`. On error nothing is left."""
     start = time.perf_counter()
     try:
         with atomic_dir(out) if out is not None else atomic_files(files) as tmp:
@@ -92,7 +120,9 @@ def execute(
         return None
     result = {**result, "seconds": round(time.perf_counter() - start, 3)}
     if metrics is not None:
-        write_json(metrics, result)
+        write_json(metrics, {k: v for k, v in result.items() if k not in RUNTIME_KEYS})
+    if runtime is not None:
+        write_json(runtime, {k: v for k, v in result.items() if k in RUNTIME_KEYS})
     return result
 
 

@@ -18,6 +18,8 @@ from reprotune.axolotl.rules import (
 )
 
 OBSERVABILITY_ONLY = "metrics export only; the model trained is the same (DVCLive logs the run)"
+WITH_WANDB = "when W&B is on (wandb_project set), as in Axolotl"
+WITH_MLFLOW = "when MLflow is on (mlflow_experiment_name set), as in Axolotl"
 # intervals Axolotl tests for truth: 0 is unset there
 ZERO_IS_UNSET = ("eval_steps", "save_steps", "evals_per_epoch", "saves_per_epoch")
 
@@ -210,7 +212,37 @@ KEYS: dict[str, Rule] = {
     "dataloader_prefetch_factor": ignored(SPEED_ONLY),
     "group_by_length": ignored("rows are packed, which makes this moot"),
     "ddp_find_unused_parameters": ignored("set by the train stage"),
-    "use_tensorboard": ignored("DVCLive logs metrics and plots (dvclive/; `dvc plots show`)"),
+    # experiment trackers: train.report_to beside DVCLive, as Axolotl switches them on
+    "use_tensorboard": Rule(MAPPED, "train.report_to", "tensorboard (the `tensorboard` extra)", v.tracker_switch),
+    "use_wandb": Rule(MAPPED, "train.report_to", "wandb (the `wandb` extra)", v.tracker_switch),
+    "use_mlflow": Rule(MAPPED, "train.report_to", "mlflow (the `mlflow` extra)", v.tracker_switch),
+    "wandb_project": Rule(
+        MAPPED,
+        "train.wandb_project",
+        "and wandb in train.report_to (the `wandb` extra)",
+        v.tracker_key("wandb", "train.wandb_project"),
+    ),
+    "wandb_entity": Rule(MAPPED, "train.wandb_entity", WITH_WANDB, v.tracker_key("wandb", "train.wandb_entity")),
+    "wandb_name": Rule(MAPPED, "train.wandb_name", WITH_WANDB, v.tracker_key("wandb", "train.wandb_name")),
+    "wandb_mode": Rule(MAPPED, "train.wandb_mode", WITH_WANDB, v.tracker_key("wandb", "train.wandb_mode")),
+    "wandb_run_id": Rule(
+        TRANSLATED, "train.wandb_name", "the run's name when wandb_name is unset, as Axolotl does", v.wandb_run_id
+    ),
+    "wandb_watch": ignored(f"{OBSERVABILITY_ONLY}; W&B gradient watching is not wired in"),
+    "wandb_log_model": ignored(f"{OBSERVABILITY_ONLY}; the adapter is in models/adapter (dvc push shares it)"),
+    "mlflow_tracking_uri": Rule(
+        MAPPED, "train.mlflow_tracking_uri", WITH_MLFLOW, v.tracker_key("mlflow", "train.mlflow_tracking_uri")
+    ),
+    "mlflow_experiment_name": Rule(
+        MAPPED,
+        "train.mlflow_experiment_name",
+        "and mlflow in train.report_to (the `mlflow` extra)",
+        v.tracker_key("mlflow", "train.mlflow_experiment_name"),
+    ),
+    "mlflow_run_name": Rule(
+        MAPPED, "train.mlflow_run_name", f"{WITH_MLFLOW}; wandb_name names the run when W&B is on", v.mlflow_run_name
+    ),
+    "hf_mlflow_log_artifacts": ignored(f"{OBSERVABILITY_ONLY}; checkpoints are not uploaded to MLflow"),
     "merge_lora": ignored(f"{PIPELINE_DOES_IT}: the merge stage"),
     "hub_model_id": unsupported("pushing to a hub is not done by the pipeline; upload models/export yourself"),
     "hub_strategy": unsupported("pushing to a hub is not done by the pipeline; upload models/export yourself"),
@@ -232,8 +264,11 @@ KEYS: dict[str, Rule] = {
 }
 # Families of keys, matched when the key itself is not in KEYS.
 PATTERNS: list[tuple[str, Rule]] = [
-    (r"^wandb_", Rule(TRANSLATED, "", "DVCLive logs metrics and plots (dvclive/, `dvc exp show`); no W&B run")),
-    (r"^(mlflow|comet|swanlab|trackio)_", ignored("DVCLive logs metrics and plots (dvclive/, `dvc exp show`)")),
+    (r"^(wandb|mlflow)_", ignored(OBSERVABILITY_ONLY)),
+    (
+        r"^(use_)?(comet|swanlab|trackio)",
+        ignored("not wired in: DVCLive logs the run; train.report_to takes wandb, mlflow, tensorboard"),
+    ),
     (r"^liger_", ignored(SPEED_ONLY)),
     (r"^(use_)?cut_cross_entropy", ignored(SPEED_ONLY)),
     (r"^flash_attn_", ignored(SPEED_ONLY)),

@@ -196,3 +196,41 @@ def special_tokens(value, cfg: dict) -> dict:
     if others:
         raise Unsupported(f"special_tokens {', '.join(others)}: available: {', '.join(SPECIAL_TOKEN_ROLES)}")
     return {"base.special_tokens": dict(value)}
+
+
+def trackers(cfg: dict) -> list[str]:
+    """train.report_to for an Axolotl config: W&B when wandb_project is set (or use_wandb), MLflow when
+    mlflow_experiment_name is (or use_mlflow), TensorBoard with use_tensorboard; DVCLive always."""
+    on = {
+        "wandb": bool(cfg.get("wandb_project") or cfg.get("use_wandb")),
+        "mlflow": bool(cfg.get("mlflow_experiment_name") or cfg.get("use_mlflow")),
+        "tensorboard": bool(cfg.get("use_tensorboard")),
+    }
+    return ["dvclive", *(name for name, used in on.items() if used)]
+
+
+def tracker_key(tracker: str, target: str) -> Callable[[Any, dict], dict]:
+    """A tracker's setting, with train.report_to; nothing where Axolotl leaves that tracker off."""
+
+    def convert(value, cfg: dict) -> dict:
+        if tracker not in trackers(cfg):
+            return {}
+        return {target: value, "train.report_to": trackers(cfg)}
+
+    return convert
+
+
+def tracker_switch(value, cfg: dict) -> dict:
+    return {"train.report_to": trackers(cfg)}
+
+
+def mlflow_run_name(value, cfg: dict) -> dict:
+    """Axolotl names the run after wandb_name when W&B is on (the Trainer has one run name for both)."""
+    if "wandb" in trackers(cfg) and (cfg.get("wandb_name") or cfg.get("wandb_run_id")):
+        return {}
+    return tracker_key("mlflow", "train.mlflow_run_name")(value, cfg)
+
+
+def wandb_run_id(value, cfg: dict) -> dict:
+    """Axolotl names the run after wandb_run_id when wandb_name is unset."""
+    return {} if cfg.get("wandb_name") else tracker_key("wandb", "train.wandb_name")(value, cfg)

@@ -293,6 +293,7 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
             "train.cosine_min_lr_ratio", f"applies to lr_scheduler cosine only; lr_scheduler is {train['lr_scheduler']}"
         )
     yield from _early_stopping_problems(train, tok, p["data"])
+    yield from _tracker_problems(train)
     if train["bf16"] is True and train["fp16"]:
         yield Problem("train.fp16", "bf16: true and fp16: true are exclusive; choose one")
     if lora["target_linear"] and lora["target_modules"] is not None:
@@ -314,6 +315,23 @@ def _early_stopping_problems(train: dict, tok: dict, data: dict) -> Iterator[Pro
             "train.early_stopping_patience",
             "needs a validation split: set tokenize.val_set_size above 0 or data.test_datasets",
         )
+
+
+def _tracker_problems(train: dict) -> Iterator[Problem]:
+    """dvclive writes the curves dvc.yaml declares; a tracker's names only mean something with its tracker."""
+    if "dvclive" not in train["report_to"]:
+        yield Problem(
+            "train.report_to",
+            f"got {_show(train['report_to'])}; dvclive writes the train stage's dvclive/ curves that dvc.yaml "
+            "declares: keep it in the list beside wandb, mlflow or tensorboard",
+        )
+    for name in train:
+        tracker = name.split("_")[0]
+        if tracker in ("wandb", "mlflow") and train[name] is not None and tracker not in train["report_to"]:
+            yield Problem(f"train.{name}", f"set, but {tracker} is not in train.report_to: add it, or unset {name}")
+    names = {train["wandb_name"], train["mlflow_run_name"]} - {None}
+    if len(names) > 1:  # the Trainer has one run_name for every tracker
+        yield Problem("train.mlflow_run_name", "differs from train.wandb_name: the Trainer names both runs alike")
 
 
 def _base_problems(base: dict, root: Path) -> Iterator[Problem]:

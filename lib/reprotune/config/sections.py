@@ -45,6 +45,9 @@ def key(default: Any = MISSING, **constraints: Any) -> Any:
     return field(metadata=metadata)
 
 
+# Where the train stage can report its run (the Trainer's names); dvclive is always on (see TrainConfig.report_to).
+TRACKERS = ("dvclive", "wandb", "mlflow", "tensorboard")
+
 # Data file formats by name suffix (the validate stage's readers); a dataset's ds_type names one for other names.
 DATA_FORMATS = {
     ".jsonl": "json",
@@ -380,6 +383,28 @@ class TrainConfig:
     validation split. null: train to the end."""
     launcher: str = key("auto", choices=("auto", "python", "accelerate"))
     """auto: accelerate launch when several GPUs are visible, else a plain process."""
+    report_to: tuple[str, ...] = key(("dvclive",), minItems=1, uniqueItems=True, items={"choices": TRACKERS})
+    """Where the run's curves and params go: dvclive (always: the stage's dvclive/ curves that dvc.yaml
+    declares) and any of wandb, mlflow, tensorboard (each an optional extra: pip install -e '.[wandb]').
+    Credentials only from the environment (WANDB_API_KEY, MLFLOW_TRACKING_USERNAME, ...), never from params.
+    Changing a tracker key reruns training (a tracker sees only a run that happens) but no later stage:
+    the adapter does not record them."""
+    wandb_project: str | None = key(None, minLength=1)
+    """W&B project (Axolotl's key). null: WANDB_PROJECT from the environment, else "huggingface"."""
+    wandb_entity: str | None = key(None, minLength=1)
+    """W&B team or user. null: WANDB_ENTITY from the environment, else the account's default."""
+    wandb_name: str | None = key(None, minLength=1)
+    """W&B run name. null: one W&B makes up."""
+    wandb_mode: str | None = key(None, choices=("online", "offline", "disabled"))
+    """online: sent as it runs; offline: kept in trackers/wandb/ for `wandb sync`; disabled: no W&B run.
+    null: WANDB_MODE from the environment, else online."""
+    mlflow_tracking_uri: str | None = key(None, minLength=1)
+    """MLflow tracking server or store (http://host:5000, file:/path). null: MLFLOW_TRACKING_URI from the
+    environment, else a local file store in trackers/mlruns/."""
+    mlflow_experiment_name: str | None = key(None, minLength=1)
+    """MLflow experiment. null: MLFLOW_EXPERIMENT_NAME from the environment, else MLflow's Default."""
+    mlflow_run_name: str | None = key(None, minLength=1)
+    """MLflow run name. null: one MLflow makes up."""
 
 
 @dataclass(frozen=True)

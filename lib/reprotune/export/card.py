@@ -11,12 +11,10 @@ Face token (hf_ + 20 or more letters/digits), and absolute paths (POSIX, ~/ and 
 keep only their last component. The card is published with the model, so it must not leak a
 token or a machine's layout, whatever a user put in params or data paths.
 
-Reproducibility: metrics that depend on the machine or the moment (seconds, peak memory,
-throughput, device, hardware) are left out, and so are the merge check's logit figures (max_abs_diff,
-noise_floor, logit_scale and the tolerance built from them): they carry float rounding noise that
-changes between runs of the same inputs on the same CPU, with byte-identical weights. The card keeps
-what the check was (rtol, sequences, tokens); metrics/merge.json keeps the figures. So the same inputs
-give a byte-identical card (and manifest).
+Reproducibility: the card quotes the stages' result metrics only (metrics/<stage>.json). What depends on
+the machine or the moment (seconds, peak memory, throughput, device) and the merge check's logit figures,
+which carry float rounding noise, are in metrics/runtime/ (see reprotune.stage), never in the card. So the
+same inputs give a byte-identical card (and manifest).
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE|CREDEN
 MIN_SECRET_LEN = 8  # shorter values ("1", "true") would scrub ordinary words
 # An absolute path not inside a URL, a relative path or a tag like </s>: not after a word char . : / ~ < -
 ABS_PATH = re.compile(r"(?<![\w.:/~<-])(?:~?/|[A-Za-z]:\\)[^\s`'\"|<>()\[\]]+")
-VOLATILE = re.compile(r"seconds|_s$|time|rss|memory|per_s|throughput|device|gpu|host|hardware", re.IGNORECASE)
-ROUNDING_NOISE = frozenset(f"merge.{k}" for k in ("max_abs_diff", "noise_floor", "logit_scale", "tolerance"))
 
 
 def scrub(text: str, env: dict[str, str] | None = None) -> str:
@@ -67,14 +63,13 @@ def params_dict(params: Params) -> dict:
 
 
 def flat_metrics(metrics: dict[str, dict]) -> list[tuple[str, str]]:
-    """(stage.key.path, value) rows of numbers/strings/bools, machine- and time-dependent keys left out."""
+    """(stage.key.path, value) rows of numbers/strings/bools."""
     rows: list[tuple[str, str]] = []
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
             for k in sorted(value):
-                if not VOLATILE.search(k) and f"{prefix}.{k}" not in ROUNDING_NOISE:
-                    walk(f"{prefix}.{k}", value[k])
+                walk(f"{prefix}.{k}", value[k])
         elif isinstance(value, float):
             rows.append((prefix, f"{value:.6g}"))
         elif isinstance(value, (int, str, bool)) or value is None:

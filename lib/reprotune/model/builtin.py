@@ -72,7 +72,7 @@ def _train_bpe():
     lines = CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
     # tokenizers reads TOKENIZERS_PARALLELISM on every call; serial training rules out any
     # thread-order effect on merge ties, at a cost of about a second on this corpus.
-    with temporary_env("TOKENIZERS_PARALLELISM", "false"):
+    with temporary_env({"TOKENIZERS_PARALLELISM": "false"}):
         tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
     return tok
 

@@ -127,7 +127,7 @@ def ordered_batches(encoder: PromptEncoder, tasks, num_proc: int) -> Iterator[Ba
         yield from (encode_batch(encoder, *t) for t in tasks)
         return
     # Forked workers inherit this env: one Rust thread each, and no "forked after parallelism" warning.
-    with temporary_env("TOKENIZERS_PARALLELISM", "false"):
+    with temporary_env({"TOKENIZERS_PARALLELISM": "false"}):
         pool = mp.get_context("fork").Pool(num_proc, _init_worker, (encoder,))
     with pool:
         pending: deque = deque()

@@ -17,9 +17,12 @@ Features
   TrainingStopped; the stage exits 1 with its message. Both agree across DDP processes.
 - Resume (checkpoints.py): see below.
 - Outputs: models/adapter/ (adapter, tokenizer, training_config.json with the params read and
-  the resolved hardware) written atomically; metrics/train.json (final train/eval loss,
-  supervised tokens/s, token counts, steps, peak memory, dtype, attention); per-step curves
-  under dvclive/. CPU runs are bit-for-bit repeatable.
+  the resolved hardware) written atomically; metrics/train.json (final train/eval loss, token
+  counts, steps, dtype, attention) and metrics/runtime/train.json (seconds, supervised tokens/s,
+  peak memory, device: not locked); per-step curves under dvclive/. CPU runs are bit-for-bit
+  repeatable.
+- Trackers (trackers.py): train.report_to adds W&B, MLflow and TensorBoard beside DVCLive through
+  the Trainer's callbacks; names from params, credentials from the environment only.
 - Launch (launch.py): in-process, or `accelerate launch` DDP with one process per GPU.
 - Measured by benchmarks/bench_train.py (`make bench`; figures from a 2-core CPU in the README):
   the supervised tokens/s of padding-free packing against padded batches holding the same

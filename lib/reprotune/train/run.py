@@ -25,7 +25,7 @@ from reprotune.io import write_json
 from reprotune.loading import copy_tokenizer_files
 from reprotune.packed import PackedRows, read_manifest, split_files
 from reprotune.quant import compute_dtype_setting
-from reprotune.train import attention
+from reprotune.train import attention, trackers
 from reprotune.train.batches import PaddedCollator, collate_padding_free
 from reprotune.train.checkpoints import fingerprint, select_resume, step_of
 from reprotune.train.model import load_trainable
@@ -55,6 +55,8 @@ class TrainInputs:
     """Resumable checkpoints (read and written; outside DVC)."""
     dvclive: Path = layout.DVCLIVE
     """Per-step curves (written as training goes)."""
+    trackers: Path = layout.TRACKERS
+    """Local files of the trackers in train.report_to (outside DVC; see trackers.py)."""
 
     @classmethod
     def under(cls, root: Path) -> TrainInputs:
@@ -63,12 +65,14 @@ class TrainInputs:
 
 
 def params_read(params: Params) -> dict:
-    """Every key of the sections this stage reads, dotted (quant.load_in_4bit, ...). Read key by key:
-    a stage may declare single keys, and then a section is a restricted view, not a dataclass."""
+    """Every key of the sections this stage reads that shapes the adapter, dotted (quant.load_in_4bit, ...):
+    tracker keys say where the run is reported, so they are left out. Read key by key: a stage may declare
+    single keys, and then a section is a restricted view, not a dataclass."""
     return {
         f"{s}.{f.name}": getattr(getattr(params, s), f.name)
         for s in SECTIONS
         for f in dataclasses.fields(SECTION_TYPES[s])
+        if not (s == "train" and f.name in trackers.KEYS)
     }
 
 
@@ -81,6 +85,7 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
     """Train (resuming from a matching complete checkpoint) and save the adapter into `out_dir`;
     returns the metrics on the main process, None on the others."""
     require_optimizer(params.train.optimizer)
+    trackers.require_trackers(params.train.report_to)
     manifest = read_manifest(inputs.packed)  # bad data is reported before torch is even imported
     train_rows = PackedRows(inputs.packed, "train")
     val_rows = PackedRows(inputs.packed, "val") if split_files(inputs.packed, "val") else None
@@ -104,8 +109,9 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
         log.info("resuming from %s", resume)
 
     model = load_trainable(inputs.base, params.quant, params.lora, params.train, caps, run["attn_implementation"])
-    trainer = _trainer(model, args, train_rows, val_rows, manifest["packed"], cfg, fp, inputs.dvclive)
-    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with trackers.tracker_environment(params.train, inputs.trackers):  # read as the callbacks are made
+        trainer = _trainer(model, args, train_rows, val_rows, manifest["packed"], cfg, fp, inputs.dvclive)
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if not trainer.is_world_process_zero():
         return None
     metrics = {**_metrics(trainer, out.metrics, resume), **peak_memory(caps), **run}
@@ -203,7 +209,8 @@ def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_
         remove_unused_columns=False,
         label_names=["labels"],
         ddp_find_unused_parameters=False,
-        report_to="none",  # DVCLive is wired in as DvcLiveCurves (resume-safe)
+        report_to=trackers.trainer_report_to(cfg),
+        run_name=trackers.run_name(cfg),
         disable_tqdm=False,
     )
 
