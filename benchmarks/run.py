@@ -9,7 +9,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BENCHMARKS = ["bench_pipeline", "bench_packing", "bench_tokenize", "bench_train", "bench_merge"]
+BENCHMARKS = [
+    "bench_pipeline",
+    "bench_packing",
+    "bench_tokenize",
+    "bench_train",
+    "bench_loss",
+    "bench_smollm2",
+    "bench_merge",
+]
 
 
 def main() -> None:

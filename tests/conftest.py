@@ -70,6 +70,31 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+def tied_copy(src: Path, out: Path) -> Path:
+    """`src`'s model folder in `out` with its output head tied to the embeddings (no lm_head.weight stored, as
+    SmolLM2, Qwen2-0.5B and Gemma store it)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    weights = load_file(src / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its output head tied to the embeddings."""
+    return tied_copy(tiny_model_dir, tmp_path_factory.mktemp("tied"))
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     return copy_repo(tmp_path / "repo")

@@ -15,7 +15,7 @@ import pytest
 
 from reprotune import cli
 from reprotune.chat import Sampling, answer, converse, load_folder, prompt_ids
-from reprotune.evaluate import greedy
+from reprotune.evaluate import greedy_batch
 
 BIN = Path(sys.executable).parent
 SHORT = Sampling(max_new_tokens=6)
@@ -29,7 +29,7 @@ def speaker(tiny_model_dir):
 def test_an_answer_is_the_greedy_continuation_through_the_chat_template(speaker):
     pieces = []
     text = answer(speaker, "What is 2 + 3?", SHORT, pieces.append)
-    ids = greedy(speaker.model, prompt_ids(speaker.tokenizer, speaker.history[:1]), 6, set(speaker.stops))
+    [ids] = greedy_batch(speaker.model, [prompt_ids(speaker.tokenizer, speaker.history[:1])], 6, set(speaker.stops))
     assert text == "".join(pieces) == speaker.tokenizer.decode(ids, skip_special_tokens=True)
     assert speaker.history[-1] == {"role": "assistant", "content": text}
 
@@ -99,7 +99,8 @@ def test_adapter_as_trained(tiny_model_dir, tmp_path, monkeypatch, capsys):
     said = capsys.readouterr().out.splitlines()[1]
     trained = load_as_trained(tiny_model_dir, adapter, SHIPPED.quant, SHIPPED.train, False)
     speaker = load_folder(tiny_model_dir, "tuned")
-    ids = greedy(trained, prompt_ids(speaker.tokenizer, [{"role": "user", "content": "Hi."}]), 5, set(speaker.stops))
+    prompt = prompt_ids(speaker.tokenizer, [{"role": "user", "content": "Hi."}])
+    [ids] = greedy_batch(trained, [prompt], 5, set(speaker.stops))
     assert said == speaker.tokenizer.decode(ids, skip_special_tokens=True)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from reprotune.config.sections import EvaluateConfig
-from reprotune.evaluate import compare
+from reprotune.evaluate import answers, compare, greedy_batch
 from reprotune.model.builtin import build_tiny_llama
 from reprotune.packed import read_val_sequences
 
@@ -58,7 +58,8 @@ def folders(base: Path, tuned: Path) -> dict:
 
 
 def config(**kw) -> EvaluateConfig:
-    return EvaluateConfig(**{"max_sequences": 10, "max_new_tokens": MAX_NEW, "num_samples": 1, "prompts": (), **kw})
+    defaults = {"max_sequences": 10, "max_new_tokens": MAX_NEW, "num_samples": 1, "prompts": (), "batch_size": "auto"}
+    return EvaluateConfig(**(defaults | kw))
 
 
 def hf_greedy(model, prompt: list[int], stops: list[int]) -> list[int]:
@@ -197,3 +198,27 @@ def test_stage_writes_metrics_and_samples(models, case, tmp_path, monkeypatch):
     assert len(lines) == 2 + 2  # two sequences have a prompt (num_samples is 8), then params.yaml's 2 prompts
     assert set(json.loads(lines[1])) == {"index", "prompt", "reference", "base", "as_trained", "as_shipped"}
     assert json.loads(lines[3])["index"] is None
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batched_answers_are_those_of_one_prompt_at_a_time(hf, batch_size):
+    """Left padding, the mask, position ids and the shared KV cache change no answer: 16 prompts of 5 to 60
+    tokens answered in batches equal HF's `generate` on each prompt alone, stops and lengths included."""
+    tok, m = hf
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 4096, (int(n),), generator=generator).tolist() for n in torch.linspace(5, 60, 16)]
+    prompts = prompts[::2] + prompts[1::2]  # lengths out of order: batches are sorted, answers come back in order
+    for model in m.values():
+        # a stop token that ends some answers early (per-sequence stops) and not others: the third token of one
+        stop = hf_greedy(model, prompts[0], [1])[2]
+        alone = [hf_greedy(model, p, [stop]) for p in prompts]
+        assert len({len(a) for a in alone}) > 1
+        assert answers(model, prompts, MAX_NEW, {stop}, batch_size) == alone
+
+
+def test_a_batch_stops_when_every_answer_has_stopped(hf):
+    tok, m = hf
+    model = m["base"]
+    prompt = tok("Say hi.")["input_ids"]
+    first = greedy_batch(model, [prompt], 1, set())[0][0]
+    assert greedy_batch(model, [prompt, prompt], MAX_NEW, {first}) == [[], []]

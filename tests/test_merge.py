@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tied_copy
 from safetensors import safe_open
 
 from reprotune.errors import BadInput
@@ -229,22 +230,9 @@ def test_streamed_reference_is_peft_model_exactly(base, adapter, odd_adapters, k
         torch.testing.assert_close(merged, whole.merge_and_unload()(input_ids=ids).logits[0], rtol=0, atol=0)
 
 
-def tied_base(base: Path, tied: Path) -> Path:
-    """The base with lm_head tied to the embedding (no lm_head.weight stored, as small Qwen2 models)."""
-    from safetensors.torch import load_file, save_file
-
-    tied.mkdir()
-    tensors = load_file(base / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((base / "config.json").read_text())
-    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    return tied
-
-
 def test_tied_embeddings_merge_and_verify(base, tmp_path):
     """A tied base streams the embedding for both uses."""
-    tied = tied_base(base, tmp_path / "tied")
+    tied = tied_copy(base, tmp_path / "tied")
     make_adapter(tied, tmp_path / "adapter")
     (tmp_path / "out").mkdir()
     inputs = MergeInputs(tied, tmp_path / "adapter", tmp_path / "no-val-split")
@@ -261,7 +249,7 @@ def test_trained_token_rows_replace_the_base_rows(base, packed, odd_adapters, tm
     from safetensors.torch import load_file
 
     if tie:
-        model_dir = tied_base(base, tmp_path / "tied")
+        model_dir = tied_copy(base, tmp_path / "tied")
         make_adapter(model_dir, tmp_path / "adapter", trainable_token_indices={"model.embed_tokens": TOKEN_IDS})
         adapter = tmp_path / "adapter"
     else:

@@ -125,6 +125,7 @@ def test_wandb_offline_run_folder_has_the_train_loss_and_no_credential(tracked):
     assert len(runs) == 1, list((root / "trackers").rglob("*"))[:20]
     history = wandb_history(next(runs[0].glob("run-*.wandb")))
     losses = [(h["train/global_step"], h["train/loss"]) for h in history if "train/loss" in h]
+    print(f"\nW&B offline run {runs[0].name}: train/loss by step {losses}")
     assert losses == [(step, pytest.approx(loss)) for step, loss in enumerate(logged_losses(root), start=1)]
     assert [h["eval/loss"] for h in history if "eval/loss" in h][-1] == pytest.approx(metrics["eval_loss"])
     for path in [*runs[0].rglob("*"), root / "models/adapter/training_config.json"]:
@@ -145,9 +146,12 @@ def test_mlflow_file_store_has_the_runs_metrics_and_params(tracked):
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "offline-run" and run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "loss")
+    eval_loss = client.get_metric_history(run.info.run_id, "eval_loss")[-1].value
+    steps = [(m.step, m.value) for m in history]
+    print(f"\nMLflow run {run.info.run_name!r}: loss by step {steps}, eval_loss {eval_loss}")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert [m.value for m in history] == pytest.approx(logged_losses(root))
-    assert client.get_metric_history(run.info.run_id, "eval_loss")[-1].value == pytest.approx(metrics["eval_loss"])
+    assert eval_loss == pytest.approx(metrics["eval_loss"])
     assert run.data.params["learning_rate"] == str(params_with().train.learning_rate)
     assert run.data.params["gradient_accumulation_steps"] == "2"
 

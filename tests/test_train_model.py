@@ -111,22 +111,8 @@ def test_a_head_that_shares_its_name_with_other_linears_is_bad_input():
 
 
 @pytest.fixture(scope="module")
-def tied(tiny, tmp_path_factory) -> Path:
-    """The tiny model with its output head tied to the embeddings (as SmolLM2, Qwen2-0.5B, Gemma)."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("tied")
-    for f in tiny.iterdir():
-        if f.name not in ("model.safetensors", "config.json"):
-            (out / f.name).write_bytes(f.read_bytes())
-    weights = load_file(tiny / "model.safetensors")
-    del weights["lm_head.weight"]
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((tiny / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    return out
+def tied(tied_model_dir) -> Path:
+    return tied_model_dir
 
 
 @pytest.mark.parametrize(

@@ -8,17 +8,20 @@ Features
   differ; `shipped_vs_trained` gives the gap in loss, exact match and the count of answers that differ.
 - Sequences: evaluate.max_sequences validation sequences of data/packed, evenly spaced over the
   split (reprotune.packed.read_val_sequences, also the merge stage's verification source).
-- Loss and perplexity: each sequence is scored alone (batch of one, positions 0..n-1, no padding),
-  so no attention mask or packing kernel can leak one sequence into another. Loss is the mean
-  cross-entropy over all supervised tokens (labels != -100) of all sequences, weighted by token,
-  the way training computes it; perplexity = exp(loss). Logits are upcast to fp32 first.
+- Loss and perplexity: sequences are scored evaluate.batch_size at a time, right-padded with an
+  attention mask (a causal model's tokens never see the padding after them; positions 0..n-1 in every
+  row), so each is scored as alone and no packing kernel can leak one sequence into another. Only the
+  positions whose next token is supervised go through the output head (`logits_to_keep`): no
+  (tokens, vocabulary) logits. Loss is the mean cross-entropy over all supervised tokens (labels != -100) of all
+  sequences, weighted by token, the way training computes it; perplexity = exp(loss). Logits are
+  upcast to fp32 first.
 - Exact match: prompt = the sequence's tokens before its first supervised label; reference = the
   supervised run from there up to the first stop token (exclusive) or the first unsupervised token.
   Stop tokens are the tokenizer's EOS and every `eos_token_id` of the generation config (ChatML's
   <|im_end|> too). Generation is greedy (argmax, first index on ties) for evaluate.max_new_tokens,
-  cut at the first stop token; a match compares the decoded texts (special tokens skipped) after
-  stripping whitespace. Sequences with no prompt (supervised from the first token) are not
-  generated for.
+  evaluate.batch_size prompts at a time (`greedy_batch`), cut at the first stop token; a match
+  compares the decoded texts (special tokens skipped) after stripping whitespace. Sequences with
+  no prompt (supervised from the first token) are not generated for.
 - General prompts (evaluate.prompts): questions outside the training tasks, rendered with the
   tokenizer's chat template (as a single user turn, generation prompt added; raw text when there is
   no template) and answered greedily by every model: what fine-tuning kept or lost.
@@ -30,9 +33,10 @@ Features
   are deterministic for given weights, data and hardware.
 
 Trade-offs
-- One sequence at a time, and a hand-written greedy loop (KV cache, batch of one) instead of
-  `generate`: no padding side, mask or generation-config default (sampling, penalties) can change
-  a figure. It costs throughput on a GPU: a 7B model over 200 sequences takes minutes, not seconds.
+- A hand-written greedy loop instead of `generate`, so no generation-config default (sampling,
+  penalties) can change a figure. Prompts are batched by length (sorted, so little padding), left-padded
+  with an attention mask and position ids counted from each prompt's first real token: the answers are
+  those of one prompt at a time (tests/test_evaluate.py), unless two logits tie within float rounding.
 - A reference longer than max_new_tokens can never match; exact match is a strict check meant for
   short, checkable answers (the shipped sample tasks), not for open-ended text.
 """
@@ -59,6 +63,7 @@ from reprotune.quant import load_as_trained
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
+BATCH_SIZE_AUTO = 16  # evaluate.batch_size: auto
 
 
 @dataclass(frozen=True)
@@ -94,34 +99,68 @@ def generation_of(index: int, seq: ValSequence, stops: set[int]) -> Generation |
 
 
 @torch.no_grad()
-def sequence_nll(model, seq: ValSequence) -> tuple[float, int]:
-    """Summed cross-entropy over the supervised tokens of one sequence, and their count."""
-    device = model.device
-    ids = torch.tensor([seq.input_ids], device=device)
-    # logits[t] predicts token t+1: (n-1, vocab) against labels[1:]
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    target = torch.tensor(seq.labels[1:], device=device)
-    mask = target != IGNORE_INDEX
-    if not mask.any():
+def batch_nll(model, seqs: list[ValSequence]) -> tuple[float, int]:
+    """Summed cross-entropy over the supervised tokens of `seqs`, scored together, and their count. Rows are
+    right-padded: a causal model's real tokens never see the padding after them, and positions count from 0
+    in every row, so each sequence is scored as it would be alone."""
+    device, width = model.device, max(len(s.input_ids) for s in seqs)
+    ids = torch.tensor([s.input_ids + [0] * (width - len(s.input_ids)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in seqs], device=device)
+    labels = torch.tensor([s.labels + [IGNORE_INDEX] * (width - len(s.labels)) for s in seqs], device=device)
+    target = labels[:, 1:]
+    supervised = target != IGNORE_INDEX  # position t predicts token t + 1
+    if not supervised.any():
         return 0.0, 0
-    nll = F.cross_entropy(logits[mask], target[mask], reduction="sum")
-    return float(nll), int(mask.sum())
+    keep = torch.cat([supervised, supervised.new_zeros(len(seqs), 1)], dim=1)  # (B, width) bool: the head's rows
+    # (supervised, vocab): the head runs on the kept rows only, flattened in row order
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[supervised], reduction="sum")
+    return float(nll), int(supervised.sum())
 
 
 @torch.no_grad()
-def greedy(model, prompt: list[int], max_new_tokens: int, stops: set[int]) -> list[int]:
-    """Greedy continuation of `prompt`, without the stop token that ended it."""
-    ids = torch.tensor([prompt], device=model.device)
-    out: list[int] = []
+def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+    """Greedy continuations of `prompts`, answered together, each without the stop token that ended it."""
+    device, n = model.device, len(prompts)
+    width = max(map(len, prompts))
+    # (n, width) left-padded: every prompt's last token in the last column, where the next token comes from
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0.. from each prompt's first real token
+    out: list[list[int]] = [[] for _ in prompts]
+    running = [True] * n
     cache = None
     for _ in range(max_new_tokens):
-        step = model(input_ids=ids, cache=cache, use_cache=True)
-        token = int(step.logits[0, -1].argmax())
-        if token in stops:
+        step = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                     logits_to_keep=1)  # fmt: skip
+        tokens = step.logits[:, -1].argmax(-1).tolist()
+        for i, token in enumerate(tokens):
+            if running[i] and token in stops:
+                running[i] = False
+            elif running[i]:
+                out[i].append(token)
+        if not any(running):
             break
-        out.append(token)
-        cache, ids = step.cache, torch.tensor([[token]], device=model.device)
+        cache, ids = step.cache, torch.tensor(tokens, device=device)[:, None]
+        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+        positions = positions[:, -1:] + 1
     return out
+
+
+def by_length(seqs: list[ValSequence], batch_size: int) -> list[list[ValSequence]]:
+    """`seqs` in batches of similar length (sorted: little padding); the sum over them is order-free."""
+    ordered = sorted(seqs, key=lambda s: len(s.input_ids))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def answers(model, prompts: list[list[int]], max_new_tokens: int, stops: set[int], batch_size: int) -> list[list[int]]:
+    """`greedy_batch` over `prompts` in batches of similar length (less padding), in the prompts' order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: dict[int, list[int]] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        out |= dict(zip(batch, greedy_batch(model, [prompts[i] for i in batch], max_new_tokens, stops)))
+    return [out[i] for i in range(len(prompts))]
 
 
 def score_model(
@@ -129,22 +168,21 @@ def score_model(
     seqs: list[ValSequence],
     gens: list[Generation],
     tokenizer,
-    max_new_tokens: int,
+    cfg: EvaluateConfig,
     stops: set[int],
     prompts: list[list[int]] = (),
 ) -> tuple[dict, list[str], list[str]]:
     """Loss/perplexity/exact match of one model, its decoded outputs for `gens`, and its answers to the
     general `prompts` (token ids)."""
+    batch = BATCH_SIZE_AUTO if cfg.batch_size == "auto" else cfg.batch_size
     nll, tokens = 0.0, 0
-    for seq in seqs:
-        s, n = sequence_nll(model, seq)
+    for chunk in by_length(seqs, batch):
+        s, n = batch_nll(model, chunk)
         nll, tokens = nll + s, tokens + n
-    outputs, matches = [], 0
-    for g in gens:
-        text = decode(tokenizer, greedy(model, g.prompt, max_new_tokens, stops))
-        outputs.append(text)
-        matches += text == decode(tokenizer, g.reference)
-    answers = [decode(tokenizer, greedy(model, p, max_new_tokens, stops)) for p in prompts]
+    texts = [decode(tokenizer, ids) for ids in answers(model, [g.prompt for g in gens] + list(prompts),
+                                                       cfg.max_new_tokens, stops, batch)]  # fmt: skip
+    outputs, general = texts[: len(gens)], texts[len(gens) :]
+    matches = sum(text == decode(tokenizer, g.reference) for text, g in zip(outputs, gens))
     loss = nll / tokens if tokens else None
     return (
         {
@@ -157,7 +195,7 @@ def score_model(
             "exact_match_count": matches,
         },
         outputs,
-        answers,
+        general,
     )
 
 
@@ -209,9 +247,7 @@ def compare(
     results, outputs, answers = {}, {}, {}
     for name, load in loaders.items():
         model = load()
-        results[name], outputs[name], answers[name] = score_model(
-            model, seqs, gens, tokenizer, cfg.max_new_tokens, stops, prompts
-        )
+        results[name], outputs[name], answers[name] = score_model(model, seqs, gens, tokenizer, cfg, stops, prompts)
         del model  # one model in memory at a time
         log.info("%s: loss %s, exact match %s", name, results[name]["loss"], results[name]["exact_match"])
 

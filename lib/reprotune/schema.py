@@ -2,7 +2,8 @@
 
 How a field becomes a schema property:
   - type from the annotation: int, float, bool, str -> integer, number, boolean, string; `X | None` adds
-    "null"; tuple[X, ...] -> array of X; dict[str, X] -> object with the `keys` given to `key`, each an X;
+    "null", and a union of those types lists each (`int | str` -> ["integer", "string"]); tuple[X, ...] ->
+    array of X; dict[str, X] -> object with the `keys` given to `key`, each an X;
     a dataclass -> object with additionalProperties false, inline (its keys undescribed: the field's
     description covers them), or in $defs, named after the class, when it is a list item;
   - `choices` -> enum (which says the type already), `items` -> constraints on the array's items, any other
@@ -106,6 +107,8 @@ def _node(tp: Any, constraints: dict, defs: dict) -> dict:
         return {"type": "object", "additionalProperties": False, "properties": props, **rest}
     if is_dataclass(tp):
         return {**_object(tp, defs, describe=False), **rest}
+    if args and all(a in _TYPES for a in args):  # int | str: either JSON type, each under its own keywords
+        return {"type": [_TYPES[a] for a in args], **rest}
     return {"type": _TYPES[tp], **rest}
 
 

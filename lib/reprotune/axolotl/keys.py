@@ -18,6 +18,9 @@ from reprotune.axolotl.rules import (
 )
 
 OBSERVABILITY_ONLY = "metrics export only; the model trained is the same (DVCLive logs the run)"
+FUSED_LOSS = "the loss from supervised positions, head in chunks: no [tokens x vocabulary] logits"
+# true switches it on (reprotune's default); false leaves the default: no loss plugin, the same model either way
+FUSED_LOSS_RULE = Rule(MAPPED, "train.chunked_cross_entropy", FUSED_LOSS, v.flag("train.chunked_cross_entropy", True))
 WITH_WANDB = "when W&B is on (wandb_project set), as in Axolotl"
 WITH_MLFLOW = "when MLflow is on (mlflow_experiment_name set), as in Axolotl"
 # intervals Axolotl tests for truth: 0 is unset there
@@ -177,7 +180,13 @@ KEYS: dict[str, Rule] = {
     "activation_offloading": ignored(SPEED_ONLY),
     "torch_compile": ignored(SPEED_ONLY),
     "torch_compile_backend": ignored(SPEED_ONLY),
-    "plugins": ignored(f"Liger kernels, Cut Cross Entropy and the like: {SPEED_ONLY}"),
+    "plugins": ignored(
+        "the loss plugins' effect is train.chunked_cross_entropy (their keys map onto it); other kernels: " + SPEED_ONLY
+    ),
+    "cut_cross_entropy": FUSED_LOSS_RULE,
+    "liger_fused_linear_cross_entropy": FUSED_LOSS_RULE,
+    "chunked_cross_entropy": FUSED_LOSS_RULE,
+    "chunked_cross_entropy_num_chunks": ignored("chunks are sized by memory (128 MiB of logits each)"),
     "eval_steps": Rule(MAPPED, "train.eval_steps", "", v.instead_of("train.eval_steps", "train.evals_per_epoch")),
     "save_steps": Rule(MAPPED, "train.save_steps", "", v.instead_of("train.save_steps", "train.saves_per_epoch")),
     "evals_per_epoch": Rule(

@@ -256,6 +256,7 @@ def _trainer(model, args, train_rows, val_rows, packed: bool, cfg: TrainConfig, 
         DvcLiveCurves(dvclive),
     ]
     return GuardedTrainer(
+        supervised_loss=_supervised_loss(model, cfg),
         model=model,
         args=args,
         train_dataset=train_rows,
@@ -263,6 +264,19 @@ def _trainer(model, args, train_rows, val_rows, packed: bool, cfg: TrainConfig, 
         data_collator=collate_padding_free if packed else PaddedCollator(PAD_ID),
         callbacks=callbacks,
     )
+
+
+def _supervised_loss(model, cfg: TrainConfig):
+    """The loss at supervised positions only (train.chunked_cross_entropy), where the model allows it."""
+    from reprotune.train.loss import SupervisedLoss, unsupported_by
+
+    if not cfg.chunked_cross_entropy:
+        return None
+    reason = unsupported_by(model)
+    if reason:
+        log.warning("train.chunked_cross_entropy: full-vocabulary logits at every position, as %s", reason)
+        return None
+    return SupervisedLoss(model)
 
 
 def _metrics(trainer, run_metrics: dict, resume: Path | None) -> dict:

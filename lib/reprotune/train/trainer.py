@@ -1,4 +1,4 @@
-"""The HF Trainer with two additions, both consistent across DDP processes.
+"""The HF Trainer with three additions, each consistent across DDP processes.
 
 - Non-finite loss guard: after each micro-batch's backward the loss is checked, and the flag is
   summed over processes, so every rank raises TrainingStopped at the same micro-batch (a rank that
@@ -7,6 +7,9 @@
   micro-batch, as the Trainer's NaN log filter (turned off in run.py) would.
 - Supervised-token count: labels != -100 in every micro-batch of an optimizer step (shifted, as
   the loss sees them), summed over processes, kept in the SupervisedTokens callback.
+- Loss at supervised positions only (loss.SupervisedLoss, when given): the model returns the final hidden
+  states of the positions whose next token is trained, and the loss projects them through the head in
+  chunks; the Trainer's own normalisation (num_items_in_batch, accumulation, processes) is kept.
 """
 
 from __future__ import annotations
@@ -19,9 +22,22 @@ from transformers import Trainer
 from reprotune.packed import IGNORE_INDEX
 from reprotune.train.callbacks import SupervisedTokens
 from reprotune.train.errors import TrainingStopped
+from reprotune.train.loss import SupervisedLoss, supervised_positions
 
 
 class GuardedTrainer(Trainer):
+    def __init__(self, *args, supervised_loss: SupervisedLoss | None = None, **kwargs):
+        super().__init__(*args, compute_loss_func=supervised_loss, **kwargs)
+        self.supervised_loss = supervised_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.supervised_loss is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # (B, T) bool: transformers slices the final hidden states to these rows, (n, hidden)
+        inputs = {**inputs, "logits_to_keep": supervised_positions(inputs["labels"])}
+        with self.supervised_loss.hidden_states_out():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         local = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches)
