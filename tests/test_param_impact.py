@@ -107,6 +107,8 @@ def another_valid_value(value, node: dict):
     if isinstance(value, float):
         return value / 2 if value else 0.1
     if isinstance(value, str):
+        if "integer" in kinds:  # "auto" of an auto-or-a-number key: a number
+            return node.get("minimum", 0) + 1
         return value.replace("GB", "MB") if node.get("pattern") else value + "-v2"
     if isinstance(value, list):
         if len(value) > 1:
