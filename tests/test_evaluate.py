@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from reprotune.config.sections import EvaluateConfig
-from reprotune.evaluate import answers, compare, greedy_batch
+from reprotune.evaluate import answers, batch_nll, compare, greedy_batch
 from reprotune.model.builtin import build_tiny_llama
 from reprotune.packed import read_val_sequences
 
@@ -222,3 +222,28 @@ def test_a_batch_stops_when_every_answer_has_stopped(hf):
     prompt = tok("Say hi.")["input_ids"]
     first = greedy_batch(model, [prompt], 1, set())[0][0]
     assert greedy_batch(model, [prompt, prompt], MAX_NEW, {first}) == [[], []]
+
+
+class WithoutLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no logits_to_keep (as some remote-code models): every position's logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, use_cache=use_cache)  # fmt: skip
+
+
+def test_a_model_without_logits_to_keep_gets_the_same_figures_and_answers(hf, case):
+    tok, m = hf
+    model, plain = m["base"], WithoutLogitsToKeep(m["base"])
+    seqs = read_val_sequences(case[0], 10)
+    assert batch_nll(plain, seqs) == pytest.approx(batch_nll(model, seqs), rel=1e-6)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    assert answers(plain, prompts, MAX_NEW, {1, 4}, 2) == answers(model, prompts, MAX_NEW, {1, 4}, 2)

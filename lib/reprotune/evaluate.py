@@ -12,9 +12,10 @@ Features
   attention mask (a causal model's tokens never see the padding after them; positions 0..n-1 in every
   row), so each is scored as alone and no packing kernel can leak one sequence into another. Only the
   positions whose next token is supervised go through the output head (`logits_to_keep`): no
-  (tokens, vocabulary) logits. Loss is the mean cross-entropy over all supervised tokens (labels != -100) of all
-  sequences, weighted by token, the way training computes it; perplexity = exp(loss). Logits are
-  upcast to fp32 first.
+  (tokens, vocabulary) logits (a model whose forward lacks the argument computes them all, then keeps
+  those). Loss is the mean cross-entropy over all supervised tokens (labels != -100) of all sequences,
+  weighted by token, the way training computes it; perplexity = exp(loss). Logits are upcast to fp32
+  first.
 - Exact match: prompt = the sequence's tokens before its first supervised label; reference = the
   supervised run from there up to the first stop token (exclusive) or the first unsupervised token.
   Stop tokens are the tokenizer's EOS and every `eos_token_id` of the generation config (ChatML's
@@ -43,6 +44,7 @@ Trade-offs
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -98,6 +100,12 @@ def generation_of(index: int, seq: ValSequence, stops: set[int]) -> Generation |
     return Generation(index, seq.input_ids[:first], reference)
 
 
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM (under peft's wrapper, if any) can run its head on chosen positions only."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+
+
 @torch.no_grad()
 def batch_nll(model, seqs: list[ValSequence]) -> tuple[float, int]:
     """Summed cross-entropy over the supervised tokens of `seqs`, scored together, and their count. Rows are
@@ -112,8 +120,10 @@ def batch_nll(model, seqs: list[ValSequence]) -> tuple[float, int]:
     if not supervised.any():
         return 0.0, 0
     keep = torch.cat([supervised, supervised.new_zeros(len(seqs), 1)], dim=1)  # (B, width) bool: the head's rows
-    # (supervised, vocab): the head runs on the kept rows only, flattened in row order
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
+    if takes_logits_to_keep(model):  # (supervised, vocab): the head runs on the kept rows only, in row order
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
+    else:  # a model without the argument (remote code): every position's logits, then the kept rows
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[keep].float()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[supervised], reduction="sum")
     return float(nll), int(supervised.sum())
 
@@ -130,9 +140,10 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: se
     out: list[list[int]] = [[] for _ in prompts]
     running = [True] * n
     cache = None
+    last_position = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}  # the head on one row only
     for _ in range(max_new_tokens):
         step = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                     logits_to_keep=1)  # fmt: skip
+                     **last_position)  # fmt: skip
         tokens = step.logits[:, -1].argmax(-1).tolist()
         for i, token in enumerate(tokens):
             if running[i] and token in stops:
