@@ -39,8 +39,10 @@ FULL, LAST = 1, 4  # LevelDB log chunk kinds that end a record
 SECRET = "wandb-secret-0123456789abcdef0123456789abcdef"
 
 
-def installed(module: str):
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"{module} is not installed")
+NEEDS_TRACKERS = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("wandb", "mlflow", "tensorboard")),
+    reason="the wandb, mlflow and tensorboard extras are not installed (make test installs them)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +118,7 @@ def monkeypatch_module():
         yield mp
 
 
-@installed("wandb")
-@installed("mlflow")
-@installed("tensorboard")
+@NEEDS_TRACKERS
 def test_wandb_offline_run_folder_has_the_train_loss_and_no_credential(tracked):
     root, metrics = tracked
     runs = list((root / "trackers/wandb").glob("offline-run-*"))
@@ -134,9 +134,7 @@ def test_wandb_offline_run_folder_has_the_train_loss_and_no_credential(tracked):
     assert os.environ.get("WANDB_PROJECT") is None  # the stage's settings do not outlive the run
 
 
-@installed("wandb")
-@installed("mlflow")
-@installed("tensorboard")
+@NEEDS_TRACKERS
 def test_mlflow_file_store_has_the_runs_metrics_and_params(tracked):
     import mlflow
 
@@ -156,17 +154,13 @@ def test_mlflow_file_store_has_the_runs_metrics_and_params(tracked):
     assert run.data.params["gradient_accumulation_steps"] == "2"
 
 
-@installed("wandb")
-@installed("mlflow")
-@installed("tensorboard")
+@NEEDS_TRACKERS
 def test_tensorboard_events_are_written(tracked):
     root, _ = tracked
     assert list((root / "trackers/tensorboard").glob("events.out.tfevents.*"))
 
 
-@installed("wandb")
-@installed("mlflow")
-@installed("tensorboard")
+@NEEDS_TRACKERS
 def test_renaming_the_tracked_run_changes_no_output(tracked, tmp_path, tiny_model_dir):
     """Tracker keys shape no weight: the adapter of a run without trackers is byte-identical."""
     root, _ = tracked

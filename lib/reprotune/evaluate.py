@@ -44,7 +44,6 @@ Trade-offs
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -59,7 +58,7 @@ from reprotune import layout
 from reprotune.config import Params
 from reprotune.config.sections import EvaluateConfig
 from reprotune.io import atomic_file
-from reprotune.loading import load_model, read_config, stop_token_ids, stored_dtype
+from reprotune.loading import load_model, read_config, stop_token_ids, stored_dtype, takes_logits_to_keep
 from reprotune.packed import IGNORE_INDEX, ValSequence, read_val_sequences
 from reprotune.quant import load_as_trained
 
@@ -98,12 +97,6 @@ def generation_of(index: int, seq: ValSequence, stops: set[int]) -> Generation |
             break
         reference.append(tok)
     return Generation(index, seq.input_ids[:first], reference)
-
-
-def takes_logits_to_keep(model) -> bool:
-    """Whether the causal LM (under peft's wrapper, if any) can run its head on chosen positions only."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
 
 
 @torch.no_grad()

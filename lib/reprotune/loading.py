@@ -9,6 +9,7 @@ optionally generation_config.json. torch and transformers are imported inside th
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -57,6 +58,12 @@ def load_model(path: Path, dtype, trust_remote_code: bool):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device_type()).eval()
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM (under peft's wrapper, if any) can run its head on chosen positions only."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
 
 
 def stop_token_ids(model_dir: Path, tokenizer) -> set[int]:

@@ -30,7 +30,6 @@ Trade-offs
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from reprotune.loading import takes_logits_to_keep
 from reprotune.packed import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 2**25  # logits per chunk: 128 MiB in fp32 (261 rows of Llama 3's 128,256-token vocabulary)
@@ -56,7 +56,7 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
 def unsupported_by(model: nn.Module) -> str | None:
     """Why `model` (peft-wrapped or not) must keep the full-logits path, or None when it need not."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" not in inspect.signature(causal_lm.forward).parameters:
+    if not takes_logits_to_keep(causal_lm):
         return f"{type(causal_lm).__name__}.forward takes no logits_to_keep"
     for name in LOGIT_TRANSFORMS:
         value = getattr(causal_lm.config, name, None)

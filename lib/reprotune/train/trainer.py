@@ -28,14 +28,13 @@ from reprotune.train.loss import SupervisedLoss, supervised_positions
 class GuardedTrainer(Trainer):
     def __init__(self, *args, supervised_loss: SupervisedLoss | None = None, **kwargs):
         super().__init__(*args, compute_loss_func=supervised_loss, **kwargs)
-        self.supervised_loss = supervised_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.supervised_loss is None:
+        if not isinstance(self.compute_loss_func, SupervisedLoss):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # (B, T) bool: transformers slices the final hidden states to these rows, (n, hidden)
         inputs = {**inputs, "logits_to_keep": supervised_positions(inputs["labels"])}
-        with self.supervised_loss.hidden_states_out():
+        with self.compute_loss_func.hidden_states_out():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
