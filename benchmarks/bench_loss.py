@@ -109,7 +109,7 @@ def memory_child(path: str, base: Path, root: Path) -> dict:
 def evaluation(tmp: Path) -> dict:
     import torch
 
-    from reprotune.evaluate import BATCH_SIZE_AUTO, answers
+    from reprotune.generate import BATCH_SIZE_AUTO, answers
     from reprotune.loading import load_model
 
     base = tmp / "tiny-eval"

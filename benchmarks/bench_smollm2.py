@@ -114,7 +114,8 @@ def evaluation(root: Path) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from reprotune.evaluate import BATCH_SIZE_AUTO, answers, generation_of
+    from reprotune.evaluate import generation_of
+    from reprotune.generate import BATCH_SIZE_AUTO, answers
     from reprotune.loading import load_model, stop_token_ids
     from reprotune.packed import read_val_sequences
 

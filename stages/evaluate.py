@@ -1,7 +1,7 @@
 """Stage `evaluate`: base, as trained (adapter on the 4-bit base) and as shipped (models/merged) on the
 validation split -> metrics and samples."""
 
-from reprotune.evaluate import SAMPLES, EvaluateInputs, evaluate
+from reprotune.evaluate import MODELS, SAMPLES, EvaluateInputs, evaluate
 from reprotune.layout import METRICS, metrics_file
 from reprotune.stage import run_stage
 
@@ -20,7 +20,7 @@ if __name__ == "__main__":
         "evaluate",
         evaluate,
         EvaluateInputs(),
-        files={SAMPLES: METRICS / SAMPLES},
+        files={SAMPLES: METRICS / SAMPLES, MODELS: METRICS / MODELS},
         metrics=metrics_file("evaluate"),
         report=report,
     )

@@ -13,10 +13,18 @@ def report(summary: dict) -> str:
     if not ev:
         return f"exported {EXPORT}: {summary['files']} files, {summary['bytes'] / 1e6:.1f} MB"
     base, tuned = ev.get("base", {}), ev.get("as_shipped", {})
+    kept = ev.get("retention")
+    retention = (
+        f"; retention on {kept['prompts']} general prompts: NLL of the base's answers {kept['base']['nll']} -> "
+        f"{kept['as_shipped']['nll']}, answers begin as the base's {kept['base']['begins_as_base_count']} -> "
+        f"{kept['as_shipped']['begins_as_base_count']}"
+        if kept
+        else ""
+    )
     return (
         f"done. base -> tuned on the validation split: loss {base.get('loss')} -> {tuned.get('loss')}, "
         f"exact match {base.get('exact_match_count')} -> {tuned.get('exact_match_count')} of "
-        f"{tuned.get('generated')}; model in {EXPORT}/ ({summary['files']} files, "
+        f"{tuned.get('generated')}{retention}; model in {EXPORT}/ ({summary['files']} files, "
         f"{summary['bytes'] / 1e6:.1f} MB, {', '.join(summary['formats'])})"
     )
 

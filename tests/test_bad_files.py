@@ -295,6 +295,7 @@ def project(root: Path, door: Door) -> Path:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "data/sample", root / "data/sample")
+    shutil.copytree(REPO / "data/prompts", root / "data/prompts")  # evaluate.general_prompts
     (root / "data/raw").mkdir(parents=True)
     (root / "models/local").mkdir(parents=True)
     if door.params:

@@ -15,7 +15,7 @@ import pytest
 
 from reprotune import cli
 from reprotune.chat import Sampling, answer, converse, load_folder, prompt_ids
-from reprotune.evaluate import greedy_batch
+from reprotune.generate import greedy_batch
 
 BIN = Path(sys.executable).parent
 SHORT = Sampling(max_new_tokens=6)

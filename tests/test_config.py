@@ -35,6 +35,8 @@ def test_an_empty_mapping_gets_every_default_and_an_empty_file_is_refused(tmp_pa
     (tmp_path / "params.yaml").write_text("{}\n")
     (tmp_path / "data/sample").mkdir(parents=True)
     (tmp_path / "data/sample/alpaca.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "data/prompts").mkdir()
+    (tmp_path / "data/prompts/general.jsonl").write_text('{"prompt": "Hi?"}\n')  # evaluate.general_prompts
     params = load_params(tmp_path / "params.yaml")
     assert params.tokenize.sequence_len == 2048
     assert params.lora.r == 32 and params.lora.alpha == 16  # Axolotl's QLoRA example
@@ -213,6 +215,19 @@ def test_unknown_keys_suggest_the_nearest(raw, path, fragment):
             "data.datasets[0].field_messages",
             "applies to type chat only",
         ),
+        (
+            {"data": {"replay": {"source": "prompts", "prompts": "data/sample/alpaca.jsonl"}}},
+            "data.replay.prompts",
+            "must lie under data/prompts/",
+        ),  # fmt: skip
+        (
+            {"data": {"replay": {"source": "prompts", "prompts": "data/prompts/nope.jsonl"}}},
+            "data.replay.prompts",
+            "does not exist",
+        ),  # fmt: skip
+        ({"data": {"replay": {"weight": 1}}}, "data.replay.weight", "must be < 1"),
+        ({"evaluate": {"general_prompts": "README.md"}}, "evaluate.general_prompts", "must lie under data/prompts/"),
+        ({"evaluate": {"general_prompts": "data/prompts/x.txt"}}, "evaluate.general_prompts", "does not exist"),
     ],
 )
 def test_cross_field_rules(raw, path, fragment):
@@ -263,6 +278,8 @@ train:
 def test_cli_lists_all_five_problems_and_exits_2_fast(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(FIVE_MISTAKES)
+    (tmp_path / "data/prompts").mkdir(parents=True)
+    (tmp_path / "data/prompts/general.jsonl").write_text('{"prompt": "Hi?"}\n')  # evaluate.general_prompts
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "reprotune.cli", "check", str(params)], capture_output=True, text=True

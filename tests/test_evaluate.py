@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from reprotune.config.sections import EvaluateConfig
-from reprotune.evaluate import answers, batch_nll, compare, greedy_batch
+from reprotune.evaluate import batch_scores, compare
+from reprotune.generate import answers, greedy_batch
 from reprotune.model.builtin import build_tiny_llama
 from reprotune.packed import read_val_sequences
 
@@ -58,7 +59,8 @@ def folders(base: Path, tuned: Path) -> dict:
 
 
 def config(**kw) -> EvaluateConfig:
-    defaults = {"max_sequences": 10, "max_new_tokens": MAX_NEW, "num_samples": 1, "prompts": (), "batch_size": "auto"}
+    defaults = {"max_sequences": 10, "max_new_tokens": MAX_NEW, "num_samples": 1, "prompts": (), "batch_size": "auto",
+                "general_prompts": None, "general_max_new_tokens": MAX_NEW}  # fmt: skip
     return EvaluateConfig(**(defaults | kw))
 
 
@@ -180,6 +182,7 @@ def test_stage_writes_metrics_and_samples(models, case, tmp_path, monkeypatch):
         (tuned, "models/merged"),
         (case[0], "data/packed"),
         (REPO / "data/sample", "data/sample"),
+        (REPO / "data/prompts", "data/prompts"),
         (REPO / "params.yaml", "params.yaml"),
         (REPO / "dvc.yaml", "dvc.yaml"),
     ):
@@ -194,6 +197,14 @@ def test_stage_writes_metrics_and_samples(models, case, tmp_path, monkeypatch):
     for name in ("base", "as_trained", "as_shipped"):
         assert set(metrics[name]) >= {"loss", "perplexity", "exact_match", "sequences", "supervised_tokens"}
     assert metrics["dtype"] == "float32"
+    retention = metrics["retention"]  # params.yaml's evaluate.general_prompts: the shipped 240
+    assert retention["prompts"] == 240 and set(retention) >= {"base", "as_trained", "as_shipped", "delta_nll"}
+    records = json.loads(Path("metrics/models.json").read_text())  # dvc.yaml's plot: a record per model
+    assert [r["model"] for r in records] == ["base", "as_trained", "as_shipped"]
+    assert records[2] == {"model": "as_shipped", "loss": metrics["as_shipped"]["loss"],
+                          "exact_match": metrics["as_shipped"]["exact_match"],
+                          "retention_nll": retention["as_shipped"]["nll"],
+                          "begins_as_base": retention["as_shipped"]["begins_as_base"]}  # fmt: skip
     lines = Path("metrics/samples.jsonl").read_text().splitlines()
     assert len(lines) == 2 + 2  # two sequences have a prompt (num_samples is 8), then params.yaml's 2 prompts
     assert set(json.loads(lines[1])) == {"index", "prompt", "reference", "base", "as_trained", "as_shipped"}
@@ -224,6 +235,45 @@ def test_a_batch_stops_when_every_answer_has_stopped(hf):
     assert greedy_batch(model, [prompt, prompt], MAX_NEW, {first}) == [[], []]
 
 
+def hf_greedy_with_stop(model, prompt: list[int], stops: list[int], max_new: int) -> list[int]:
+    """Transformers' own greedy generation, with the stop token that ended it (if one did)."""
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=max_new, eos_token_id=stops, pad_token_id=2)  # fmt: skip
+    new = out[0, len(prompt) :].tolist()
+    return new[: next((i + 1 for i, t in enumerate(new) if t in stops), len(new))]
+
+
+def test_retention_equals_a_direct_computation(models, hf, case):
+    """The base's greedy answers (HF generate, stop token kept) are the reference; each model's mean NLL on
+    them is HF's loss, token-weighted; an answer begins as the base's when the model's own greedy answer
+    starts with the reference's first 8 tokens (all of them when shorter)."""
+    tok, m = hf
+    questions = ["Say hi.", "Name a color.", "Add 2 and 3.", "What is the capital of France?", "Count to three."]
+    cfg = config(num_samples=0, general_max_new_tokens=12)
+    metrics, _ = compare(folders(*models), models[1], case[0], cfg, general=questions)
+    retention = metrics["retention"]
+    stops = [1, 4]  # the tiny tokenizer's EOS and <|im_end|>
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)
+               for q in questions]  # fmt: skip
+    reference = [hf_greedy_with_stop(m["base"], p, stops, 12) for p in prompts]
+    assert retention["prompts"] == 5 and retention["reference_tokens"] == sum(map(len, reference))
+    assert retention["prefix_tokens"] == 8
+    begins = {}
+    for name, model in m.items():
+        nll = 0.0
+        for p, r in zip(prompts, reference):
+            with torch.no_grad():
+                nll += float(model(torch.tensor([p + r]), labels=torch.tensor([[-100] * len(p) + r])).loss) * len(r)
+        own = [hf_greedy_with_stop(model, p, stops, 8) for p in prompts]
+        begins[name] = sum(o[: min(8, len(r))] == r[:8] for o, r in zip(own, reference))
+        got = retention[name]
+        assert got["nll"] == pytest.approx(nll / sum(map(len, reference)), abs=2e-6)
+        assert got["begins_as_base_count"] == begins[name] and got["begins_as_base"] == begins[name] / 5
+    assert begins["base"] == 5 and begins["as_shipped"] < 5  # the other model answers otherwise: not trivial
+    assert retention["delta_nll"] == pytest.approx(retention["as_shipped"]["nll"] - retention["base"]["nll"], abs=2e-6)
+
+
 class WithoutLogitsToKeep(torch.nn.Module):
     """A causal LM whose forward has no logits_to_keep (as some remote-code models): every position's logits."""
 
@@ -244,6 +294,10 @@ def test_a_model_without_logits_to_keep_gets_the_same_figures_and_answers(hf, ca
     tok, m = hf
     model, plain = m["base"], WithoutLogitsToKeep(m["base"])
     seqs = read_val_sequences(case[0], 10)
-    assert batch_nll(plain, seqs) == pytest.approx(batch_nll(model, seqs), rel=1e-6)
+    got, want = batch_scores(plain, seqs), batch_scores(model, seqs)
+    assert got.nll == pytest.approx(want.nll, rel=1e-6) and (got.tokens, got.prefix_matches) == (
+        want.tokens,
+        want.prefix_matches,
+    )
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     assert answers(plain, prompts, MAX_NEW, {1, 4}, 2) == answers(model, prompts, MAX_NEW, {1, 4}, 2)

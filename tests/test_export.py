@@ -256,6 +256,7 @@ def test_stage_builds_the_folder(merged, records, tmp_path, monkeypatch):
         (provenance, "models/base/reprotune_base.json"),
         (metrics, "metrics"),
         (REPO / "data/sample", "data/sample"),
+        (REPO / "data/prompts", "data/prompts"),
         (REPO / "params.yaml", "params.yaml"),
         (REPO / "dvc.yaml", "dvc.yaml"),
     ):

@@ -74,7 +74,8 @@ def test_real_model_pipeline_shortened(tmp_path):
     shutil.copy(gguf, repo / GGUF)
     params = yaml.safe_load((REPO / PRESET).read_text())
     params["train"].update(max_steps=3, save_steps=3, eval_steps=3, logging_steps=1)
-    params["evaluate"].update(max_sequences=6, num_samples=2)
+    params["evaluate"].update(max_sequences=6, num_samples=2, general_max_new_tokens=8)
+    params["data"]["replay"].update(max_prompts=8)
     params["export"]["formats"] = ["safetensors", "gguf"]
     params["base"]["tokens"] = ["<|tool_call|>"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -93,7 +94,10 @@ def test_real_model_pipeline_shortened(tmp_path):
         deltas = {k: f.get_slice(k).get_shape() for k in f.keys() if "trainable_tokens" in k}
     assert list(deltas.values()) == [[1, merged_config["hidden_size"]]], deltas  # the new row only (tied)
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert {"base", "as_trained", "as_shipped", "shipped_vs_trained"} <= set(ev)
+    assert {"base", "as_trained", "as_shipped", "shipped_vs_trained", "retention"} <= set(ev)
+    assert ev["retention"]["prompts"] == 240 and ev["retention"]["base"]["begins_as_base_count"] >= 235
+    replay = json.loads((repo / "metrics/replay.json").read_text())
+    assert replay["source"] == "prompts" and replay["records"] == 8  # the base's answers, trained beside the tasks
     samples = [json.loads(line) for line in (repo / "metrics/samples.jsonl").read_text().splitlines()]
     france = next(s for s in samples if s["index"] is None and "France" in s["prompt"])
     assert "Paris" in france["base"]  # the real model answers before tuning

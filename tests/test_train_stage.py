@@ -72,6 +72,7 @@ def project(root: Path, tiny: Path, **sections: dict) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": TRAIN_STAGE}}))
     shutil.copytree(REPO / "data/sample", root / "data/sample")  # the params check wants the datasets
+    shutil.copytree(REPO / "data/prompts", root / "data/prompts")  # and evaluate.general_prompts
     shutil.copytree(tiny, root / "models/base")
     seqs = sequences()
     synthetic.write_packed_dir(root / "data/packed", {"train": seqs[:TRAIN], "val": seqs[TRAIN:]}, SEQUENCE_LEN, True)

@@ -20,24 +20,32 @@ Features
   supervised run from there up to the first stop token (exclusive) or the first unsupervised token.
   Stop tokens are the tokenizer's EOS and every `eos_token_id` of the generation config (ChatML's
   <|im_end|> too). Generation is greedy (argmax, first index on ties) for evaluate.max_new_tokens,
-  evaluate.batch_size prompts at a time (`greedy_batch`), cut at the first stop token; a match
+  evaluate.batch_size prompts at a time (reprotune.generate), cut at the first stop token; a match
   compares the decoded texts (special tokens skipped) after stripping whitespace. Sequences with
   no prompt (supervised from the first token) are not generated for.
 - General prompts (evaluate.prompts): questions outside the training tasks, rendered with the
   tokenizer's chat template (as a single user turn, generation prompt added; raw text when there is
-  no template) and answered greedily by every model: what fine-tuning kept or lost.
-- Outputs: the metrics (metrics/evaluate.json) and samples.jsonl: the first evaluate.num_samples
+  no template) and answered greedily by every model: what fine-tuning kept or lost, to read.
+- Retention (evaluate.general_prompts, 240 everyday prompts shipped in data/prompts/general.jsonl): the
+  base answers each greedily (up to evaluate.general_max_new_tokens, with the stop token that ended it);
+  those answers are the reference, so no external data or judge is needed. Every model is scored on them
+  as on validation sequences: `nll`, the mean cross-entropy per reference token (the base's own is its
+  floor), and `begins_as_base`, the share of prompts whose first 8 reference tokens are each the model's
+  argmax, i.e. whose greedy answer would begin as the base's (read off the same forward pass: no
+  generation per model). `retention.delta_nll` is the shipped model's rise over the base: forgetting.
+- Outputs: the metrics (metrics/evaluate.json); samples.jsonl: the first evaluate.num_samples
   validation prompts with the reference and every model's answer side by side, then the general
-  prompts (moved to metrics/samples.jsonl).
+  prompts (moved to metrics/samples.jsonl); models.json, a record per model (loss, exact match,
+  retention) that dvc.yaml declares as a plot, so `dvc plots diff` sets experiments side by side.
 - All models use the same sequences and tokenizer (the merged folder's); base and as_shipped the
   merged model's stored dtype, on CUDA when available, else CPU. No sampling and no RNG: the figures
   are deterministic for given weights, data and hardware.
 
 Trade-offs
-- A hand-written greedy loop instead of `generate`, so no generation-config default (sampling,
-  penalties) can change a figure. Prompts are batched by length (sorted, so little padding), left-padded
-  with an attention mask and position ids counted from each prompt's first real token: the answers are
-  those of one prompt at a time (tests/test_evaluate.py), unless two logits tie within float rounding.
+- A hand-written greedy loop (reprotune.generate) instead of `generate`, so no generation-config default
+  (sampling, penalties) can change a figure; batched answers are those of one prompt at a time
+  (tests/test_evaluate.py), unless two logits tie within float rounding. The base's own begins_as_base is
+  1.0 but for such ties between its cached generation and the scoring pass.
 - A reference longer than max_new_tokens can never match; exact match is a strict check meant for
   short, checkable answers (the shipped sample tasks), not for open-ended text.
 """
@@ -57,6 +65,8 @@ import torch.nn.functional as F
 from reprotune import layout
 from reprotune.config import Params
 from reprotune.config.sections import EvaluateConfig
+from reprotune.files import read_prompts
+from reprotune.generate import answers, batch_size, chat_prompt, decode
 from reprotune.io import atomic_file
 from reprotune.loading import load_model, read_config, stop_token_ids, stored_dtype, takes_logits_to_keep
 from reprotune.packed import IGNORE_INDEX, ValSequence, read_val_sequences
@@ -64,7 +74,8 @@ from reprotune.quant import load_as_trained
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
-BATCH_SIZE_AUTO = 16  # evaluate.batch_size: auto
+MODELS = "models.json"  # one record per model, the figures experiments are compared on (dvc.yaml's plots)
+RETENTION_PREFIX = 8  # an answer "begins as the base's" when its first 8 tokens are the base's
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,8 @@ class EvaluateInputs:
     adapter: Path = layout.ADAPTER
     merged: Path = layout.MERGED
     packed: Path = layout.PACKED
+    repo_root: Path = Path(".")
+    """evaluate.general_prompts is read relative to it."""
 
 
 Loader = Callable[[], torch.nn.Module]  # loads one model when called: one model in memory at a time
@@ -99,11 +112,27 @@ def generation_of(index: int, seq: ValSequence, stops: set[int]) -> Generation |
     return Generation(index, seq.input_ids[:first], reference)
 
 
+@dataclass
+class Scores:
+    """Summed over sequences scored together."""
+
+    nll: float = 0.0
+    """Cross-entropy summed over the supervised tokens."""
+    tokens: int = 0
+    """Supervised tokens."""
+    prefix_matches: int = 0
+    """Sequences whose first RETENTION_PREFIX supervised tokens (all, when fewer) are each the model's argmax:
+    its greedy answer would begin with them."""
+
+    def __add__(self, other: Scores) -> Scores:
+        return Scores(self.nll + other.nll, self.tokens + other.tokens, self.prefix_matches + other.prefix_matches)
+
+
 @torch.no_grad()
-def batch_nll(model, seqs: list[ValSequence]) -> tuple[float, int]:
-    """Summed cross-entropy over the supervised tokens of `seqs`, scored together, and their count. Rows are
-    right-padded: a causal model's real tokens never see the padding after them, and positions count from 0
-    in every row, so each sequence is scored as it would be alone."""
+def batch_scores(model, seqs: list[ValSequence]) -> Scores:
+    """Scores of `seqs`, scored together. Rows are right-padded: a causal model's real tokens never see the
+    padding after them, and positions count from 0 in every row, so each sequence is scored as it would be
+    alone."""
     device, width = model.device, max(len(s.input_ids) for s in seqs)
     ids = torch.tensor([s.input_ids + [0] * (width - len(s.input_ids)) for s in seqs], device=device)
     mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in seqs], device=device)
@@ -111,60 +140,26 @@ def batch_nll(model, seqs: list[ValSequence]) -> tuple[float, int]:
     target = labels[:, 1:]
     supervised = target != IGNORE_INDEX  # position t predicts token t + 1
     if not supervised.any():
-        return 0.0, 0
+        return Scores()
     keep = torch.cat([supervised, supervised.new_zeros(len(seqs), 1)], dim=1)  # (B, width) bool: the head's rows
     if takes_logits_to_keep(model):  # (supervised, vocab): the head runs on the kept rows only, in row order
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
     else:  # a model without the argument (remote code): every position's logits, then the kept rows
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[keep].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[supervised], reduction="sum")
-    return float(nll), int(supervised.sum())
-
-
-@torch.no_grad()
-def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, stops: set[int]) -> list[list[int]]:
-    """Greedy continuations of `prompts`, answered together, each without the stop token that ended it."""
-    device, n = model.device, len(prompts)
-    width = max(map(len, prompts))
-    # (n, width) left-padded: every prompt's last token in the last column, where the next token comes from
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0.. from each prompt's first real token
-    out: list[list[int]] = [[] for _ in prompts]
-    running = [True] * n
-    cache = None
-    last_position = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}  # the head on one row only
-    for _ in range(max_new_tokens):
-        step = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                     **last_position)  # fmt: skip
-        tokens = step.logits[:, -1].argmax(-1).tolist()
-        for i, token in enumerate(tokens):
-            if running[i] and token in stops:
-                running[i] = False
-            elif running[i]:
-                out[i].append(token)
-        if not any(running):
-            break
-        cache, ids = step.cache, torch.tensor(tokens, device=device)[:, None]
-        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-        positions = positions[:, -1:] + 1
-    return out
+    logits = logits.reshape(-1, logits.shape[-1])  # (supervised, vocab), row by row
+    nll = F.cross_entropy(logits, target[supervised], reduction="sum")
+    # (supervised,) the rank of each supervised token within its row: the first RETENTION_PREFIX must be argmax
+    rank = (supervised.cumsum(1) - 1)[supervised]
+    missed = (logits.argmax(-1) != target[supervised]) & (rank < RETENTION_PREFIX)
+    row = supervised.nonzero()[:, 0]  # (supervised,) the row of each
+    rows_with_labels = int(supervised.any(1).sum())
+    return Scores(float(nll), int(supervised.sum()), rows_with_labels - int(row[missed].unique().numel()))
 
 
 def by_length(seqs: list[ValSequence], batch_size: int) -> list[list[ValSequence]]:
     """`seqs` in batches of similar length (sorted: little padding); the sum over them is order-free."""
     ordered = sorted(seqs, key=lambda s: len(s.input_ids))
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
-def answers(model, prompts: list[list[int]], max_new_tokens: int, stops: set[int], batch_size: int) -> list[list[int]]:
-    """`greedy_batch` over `prompts` in batches of similar length (less padding), in the prompts' order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: dict[int, list[int]] = {}
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        out |= dict(zip(batch, greedy_batch(model, [prompts[i] for i in batch], max_new_tokens, stops)))
-    return [out[i] for i in range(len(prompts))]
 
 
 def score_model(
@@ -178,11 +173,9 @@ def score_model(
 ) -> tuple[dict, list[str], list[str]]:
     """Loss/perplexity/exact match of one model, its decoded outputs for `gens`, and its answers to the
     general `prompts` (token ids)."""
-    batch = BATCH_SIZE_AUTO if cfg.batch_size == "auto" else cfg.batch_size
-    nll, tokens = 0.0, 0
-    for chunk in by_length(seqs, batch):
-        s, n = batch_nll(model, chunk)
-        nll, tokens = nll + s, tokens + n
+    batch = batch_size(cfg.batch_size)
+    scores = sum((batch_scores(model, chunk) for chunk in by_length(seqs, batch)), Scores())
+    nll, tokens = scores.nll, scores.tokens
     texts = [decode(tokenizer, ids) for ids in answers(model, [g.prompt for g in gens] + list(prompts),
                                                        cfg.max_new_tokens, stops, batch)]  # fmt: skip
     outputs, general = texts[: len(gens)], texts[len(gens) :]
@@ -203,10 +196,6 @@ def score_model(
     )
 
 
-def decode(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
 def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
     """The stage core: base, as-trained and as-shipped metrics, with the sample generations in
     out_dir/samples.jsonl. Reads the evaluate section, base.trust_remote_code, and the quant section with
@@ -218,26 +207,27 @@ def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
         "as_trained": lambda: load_as_trained(inputs.base, inputs.adapter, params.quant, params.train, trust),
         "as_shipped": lambda: load_model(inputs.merged, dtype, trust),
     }
-    metrics, samples = compare(loaders, inputs.merged, inputs.packed, params.evaluate, trust)
+    cfg = params.evaluate
+    general = [q for _, q in read_prompts(inputs.repo_root / cfg.general_prompts)] if cfg.general_prompts else []
+    metrics, samples = compare(loaders, inputs.merged, inputs.packed, cfg, trust, general)
     with atomic_file(Path(out_dir) / SAMPLES) as f:
         f.writelines(json.dumps(s, sort_keys=True, ensure_ascii=False) + "\n" for s in samples)
+    with atomic_file(Path(out_dir) / MODELS) as f:
+        f.write(json.dumps(model_records(metrics), indent=2, sort_keys=True) + "\n")
     return {**metrics, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def chat_prompt(tokenizer, question: str) -> list[int]:
-    """A general question as the model is served: one user turn through the chat template, if any."""
-    if not tokenizer.chat_template:
-        return tokenizer.encode(question)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def compare(
-    loaders: dict[str, Loader], tokenizer_dir: Path, packed_dir: Path, cfg: EvaluateConfig, trust_remote_code=False
+    loaders: dict[str, Loader],
+    tokenizer_dir: Path,
+    packed_dir: Path,
+    cfg: EvaluateConfig,
+    trust_remote_code=False,
+    general: list[str] = (),
 ) -> tuple[dict, list[dict]]:
-    """Metrics of each model (base first), up to cfg.num_samples validation generations and the answers to
-    cfg.prompts. Each loader is called once, its model freed before the next."""
+    """Metrics of each model (`base` first), up to cfg.num_samples validation generations and the answers to
+    cfg.prompts; with `general` questions, the retention block (`retention_reference`, `retention`). Each
+    loader is called once, its model freed before the next."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
@@ -247,11 +237,16 @@ def compare(
         log.warning("no validation sequences under %s/val: figures are empty", packed_dir)
     gens = [g for i, s in enumerate(seqs) if (g := generation_of(i, s, stops))]
     prompts = [chat_prompt(tokenizer, q) for q in cfg.prompts]
+    questions = [chat_prompt(tokenizer, q) for q in general]
 
-    results, outputs, answers = {}, {}, {}
+    results, outputs, replies, retained, reference = {}, {}, {}, {}, []
     for name, load in loaders.items():
         model = load()
-        results[name], outputs[name], answers[name] = score_model(model, seqs, gens, tokenizer, cfg, stops, prompts)
+        results[name], outputs[name], replies[name] = score_model(model, seqs, gens, tokenizer, cfg, stops, prompts)
+        if questions:
+            if name == "base":  # the base's own answers are the reference every model is scored on
+                reference = retention_reference(model, questions, cfg, stops)
+            retained[name] = score_retention(model, reference, cfg)
         del model  # one model in memory at a time
         log.info("%s: loss %s, exact match %s", name, results[name]["loss"], results[name]["exact_match"])
 
@@ -259,6 +254,8 @@ def compare(
     if {"base", "as_shipped"} <= set(results):
         metrics["delta_loss"] = _delta(results, "base", "as_shipped", "loss")
         metrics["delta_exact_match"] = _delta(results, "base", "as_shipped", "exact_match")
+    if retained:
+        metrics["retention"] = retention_block(retained, reference)
     if {"as_trained", "as_shipped"} <= set(results):
         trained, shipped = outputs["as_trained"], outputs["as_shipped"]
         metrics["shipped_vs_trained"] = {
@@ -272,10 +269,60 @@ def compare(
         for k, g in enumerate(gens[: cfg.num_samples])
     ]
     samples += [
-        {"index": None, "prompt": tokenizer.decode(p), "reference": None} | {name: answers[name][k] for name in loaders}
+        {"index": None, "prompt": tokenizer.decode(p), "reference": None} | {name: replies[name][k] for name in loaders}
         for k, p in enumerate(prompts)
     ]
     return metrics, samples
+
+
+def model_records(metrics: dict) -> list[dict]:
+    """A record per model (base, as trained, as shipped): loss, exact match, and the retention figures when
+    measured. What `dvc plots diff` draws side by side for experiments."""
+    retention = metrics.get("retention", {})
+    return [
+        {"model": name, "loss": m["loss"], "exact_match": m["exact_match"]}
+        | (
+            {"retention_nll": retention[name]["nll"], "begins_as_base": retention[name]["begins_as_base"]}
+            if name in retention
+            else {}
+        )  # fmt: skip
+        for name, m in metrics.items()
+        if name in ("base", "as_trained", "as_shipped")
+    ]
+
+
+def retention_reference(model, questions: list[list[int]], cfg: EvaluateConfig, stops: set[int]) -> list[ValSequence]:
+    """The base's greedy answers to the general questions, as sequences supervised on the answer (with the stop
+    token that ended it, if any: knowing when to stop is part of the answer)."""
+    batch = batch_size(cfg.batch_size)
+    said = answers(model, questions, cfg.general_max_new_tokens, stops, batch, with_stop=True)
+    return [ValSequence(q + a, [IGNORE_INDEX] * len(q) + a) for q, a in zip(questions, said)]
+
+
+def score_retention(model, reference: list[ValSequence], cfg: EvaluateConfig) -> dict:
+    """A model's mean NLL on the base's answers, and how many of its own greedy answers would begin as the
+    base's (the first RETENTION_PREFIX tokens)."""
+    batch = batch_size(cfg.batch_size)
+    scores = sum((batch_scores(model, chunk) for chunk in by_length(reference, batch)), Scores())
+    return {
+        "nll": _round(scores.nll / scores.tokens),
+        "begins_as_base": _round(scores.prefix_matches / len(reference)),
+        "begins_as_base_count": scores.prefix_matches,
+    }
+
+
+def retention_block(retained: dict[str, dict], reference: list[ValSequence]) -> dict:
+    """metrics/evaluate.json's `retention`: each model's figures on the base's answers, and the shipped model's
+    change from the base."""
+    block = {
+        "prompts": len(reference),
+        "reference_tokens": sum(IGNORE_INDEX != lab for s in reference for lab in s.labels),
+        "prefix_tokens": RETENTION_PREFIX,
+        **retained,
+    }
+    if {"base", "as_shipped"} <= set(retained):
+        block["delta_nll"] = _delta(retained, "base", "as_shipped", "nll")
+    return block
 
 
 def _delta(results: dict, before: str, after: str, key: str) -> float | None:

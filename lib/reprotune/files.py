@@ -1,8 +1,9 @@
 """The files a user hands in, read or checked so that a bad one is one line naming it and what is wrong.
 
 Every door that opens a user's file goes through here: `reprotune check` (params files), `reprotune
-import-axolotl` (Axolotl configs), the base stage (a local model folder's JSON and safetensors files, a
-GGUF file: gguf_base.py checks its header with `check_size`). A problem raises BadInput (exit 2) whose text
+import-axolotl` (Axolotl configs), prompt files (evaluate.general_prompts, data.replay.prompts), the base
+stage (a local model folder's JSON and safetensors files, a GGUF file: gguf_base.py checks its header with
+`check_size`). A problem raises BadInput (exit 2) whose text
 starts with the file's path: missing, a folder, empty, not UTF-8 (with the byte), not valid YAML or JSON
 (with line and column), the wrong top-level type, or cut short (its size against the size its header
 declares). Nothing is written before these checks pass.
@@ -62,6 +63,36 @@ def _mapping(path: Path, expected: str, if_empty: str, parse) -> dict:
     if not isinstance(value, dict):
         raise BadInput(f"{path}: expected {expected}, this file holds {kind_of(value)}")
     return value
+
+
+PROMPT_FORMATS = (".jsonl", ".txt")
+
+
+def read_prompts(path: Path) -> list[tuple[int, str]]:
+    """(line number from 1, prompt) of each prompt of a prompt file: .jsonl, one object per line with a
+    non-empty string `prompt` (other keys are ignored: a source or a note may ride along); .txt, one prompt
+    per line. Blank lines are skipped; a line that is not a prompt is an error naming the file and line."""
+    path = Path(path)
+    if path.suffix not in PROMPT_FORMATS:
+        raise BadInput(f"{path}: a prompt file is {' or '.join(PROMPT_FORMATS)}, one prompt per line")
+    prompts = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            prompts.append((number, line.strip()))
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}:{number}: {_syntax_error(e)}") from None
+        prompt = value.get("prompt") if isinstance(value, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadInput(f'{path}:{number}: expected an object with a non-empty string "prompt"')
+        prompts.append((number, prompt.strip()))
+    if not prompts:
+        raise BadInput(f"{path}: holds no prompt")
+    return prompts
 
 
 def check_safetensors(path: Path) -> None:

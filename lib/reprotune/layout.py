@@ -6,6 +6,7 @@ from pathlib import Path
 LOCAL_MODELS = Path("models/local")
 BASE = Path("models/base")
 VALIDATED = Path("data/validated")
+REPLAY = Path("data/replay")  # the base's own answers, training records (see reprotune.replay)
 PACKED = Path("data/packed")
 ADAPTER = Path("models/adapter")
 MERGED = Path("models/merged")

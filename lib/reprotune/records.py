@@ -17,6 +17,7 @@ this small file, not the records.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -47,6 +48,12 @@ SCHEMA = pa.schema(
 )
 COLUMNS = tuple(SCHEMA.names)
 ORIGIN = ("id", "source", "line", "dataset")
+SELF_SOURCE = "data/validated/records.parquet"
+"""A replay record's `source` when its prompt is a training record's instruction (self-distillation); its
+`line` is then that record's row in records.parquet, from 1."""
+REPLAY_CUT = 1
+"""A replay record's `dataset`: 0 for an answer that ended on a stop token, REPLAY_CUT for one cut at
+max_new_tokens (its text is the base's, its end of turn is not: tokenize leaves that token untrained)."""
 CONTENT = tuple(c for c in COLUMNS if c not in ORIGIN)
 """The columns that make a record what it is (hashed into its id)."""
 
@@ -67,6 +74,12 @@ class DatasetEntry:
     def of(cls, ds, test: bool) -> DatasetEntry:
         """The entry of params dataset `ds` (a config DatasetConfig), from data.test_datasets or not."""
         return cls(ds.path, test, ds.weight, ds.roles_to_train, ds.train_on_eos)
+
+
+def record_id(canonical: dict) -> str:
+    """Content hash of a record's CONTENT columns: equal content, equal id (used for dedup)."""
+    content = {k: canonical[k] for k in CONTENT}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def write_datasets(path: Path, entries: list[DatasetEntry]) -> None:

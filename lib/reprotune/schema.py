@@ -4,8 +4,8 @@ How a field becomes a schema property:
   - type from the annotation: int, float, bool, str -> integer, number, boolean, string; `X | None` adds
     "null", and a union of those types lists each (`int | str` -> ["integer", "string"]); tuple[X, ...] ->
     array of X; dict[str, X] -> object with the `keys` given to `key`, each an X;
-    a dataclass -> object with additionalProperties false, inline (its keys undescribed: the field's
-    description covers them), or in $defs, named after the class, when it is a list item;
+    a dataclass -> object with additionalProperties false, inline (its keys described by their docstrings),
+    or in $defs, named after the class, when it is a list item;
   - `choices` -> enum (which says the type already), `items` -> constraints on the array's items, any other
     keyword of `key` is copied as is; the `key` default -> default (a field without one is required);
   - the docstring under the field -> description; a section's class docstring -> the section's description
@@ -60,7 +60,7 @@ def render(schema: dict) -> str:
 
 
 def _section(cls: type, defs: dict) -> dict:
-    node = _object(cls, defs, describe=True)
+    node = _object(cls, defs)
     return {
         "type": "object",
         "description": class_doc(cls),
@@ -70,9 +70,9 @@ def _section(cls: type, defs: dict) -> dict:
     }
 
 
-def _object(cls: type, defs: dict, describe: bool) -> dict:
+def _object(cls: type, defs: dict) -> dict:
     hints = get_type_hints(cls)
-    docs = field_docs(cls) if describe else {}
+    docs = field_docs(cls)
     props = {f.name: _property(f, hints[f.name], docs.get(f.name), defs) for f in fields(cls)}
     required = [f.name for f in fields(cls) if "default" not in f.metadata]
     node: dict[str, Any] = {"type": "object", "additionalProperties": False}
@@ -106,7 +106,7 @@ def _node(tp: Any, constraints: dict, defs: dict) -> dict:
         props = {k: _node(args[1], {}, defs) for k in keys}
         return {"type": "object", "additionalProperties": False, "properties": props, **rest}
     if is_dataclass(tp):
-        return {**_object(tp, defs, describe=False), **rest}
+        return {**_object(tp, defs), **rest}
     if args and all(a in _TYPES for a in args):  # int | str: either JSON type, each under its own keywords
         return {"type": [_TYPES[a] for a in args], **rest}
     return {"type": _TYPES[tp], **rest}
@@ -116,7 +116,7 @@ def _item(tp: Any, constraints: dict, defs: dict) -> dict:
     if not is_dataclass(tp):
         return _node(tp, constraints, defs)
     name = tp.__name__.removesuffix("Config").lower()  # DatasetConfig -> dataset
-    defs[name] = _object(tp, defs, describe=True)
+    defs[name] = _object(tp, defs)
     return {"$ref": f"#/$defs/{name}"}
 
 

@@ -27,7 +27,7 @@ import jsonschema
 from reprotune.config.datafiles import folder_data_files, pattern_files
 from reprotune.config.sections import DATA_FORMATS, Params, build_params, canonical_type
 from reprotune.errors import BadInput
-from reprotune.files import read_yaml_mapping
+from reprotune.files import PROMPT_FORMATS, read_yaml_mapping
 
 BUILTIN_PREFIX = "builtin:"
 # Built-in models (built by reprotune.model.builtin) and their max positions. Kept here, not imported
@@ -36,6 +36,7 @@ BUILTIN_MAX_POSITIONS = {"builtin:tiny-llama": 2048}
 BUILTIN_MODELS = tuple(BUILTIN_MAX_POSITIONS)
 LOCAL_MODELS_DIR = "models/local"  # the base stage's declared dependency in dvc.yaml
 DATA_DIRS = ("data/raw", "data/sample")  # the validate stage's declared dependencies in dvc.yaml
+PROMPTS_DIR = "data/prompts"  # the replay and evaluate stages' declared dependency in dvc.yaml
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TYPE_FIELDS = {
     "alpaca": ("field_instruction", "field_input", "field_output", "field_system"),
@@ -293,6 +294,10 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
             "train.cosine_min_lr_ratio", f"applies to lr_scheduler cosine only; lr_scheduler is {train['lr_scheduler']}"
         )
     yield from _early_stopping_problems(train, tok, p["data"])
+    if p["data"]["replay"]["source"] == "prompts":
+        yield from _prompt_file_problems(p["data"]["replay"]["prompts"], "data.replay.prompts", root)
+    if p["evaluate"]["general_prompts"] is not None:
+        yield from _prompt_file_problems(p["evaluate"]["general_prompts"], "evaluate.general_prompts", root)
     yield from _tracker_problems(train)
     if train["bf16"] is True and train["fp16"]:
         yield Problem("train.fp16", "bf16: true and fp16: true are exclusive; choose one")
@@ -315,6 +320,17 @@ def _early_stopping_problems(train: dict, tok: dict, data: dict) -> Iterator[Pro
             "train.early_stopping_patience",
             "needs a validation split: set tokenize.val_set_size above 0 or data.test_datasets",
         )
+
+
+def _prompt_file_problems(path: str, key: str, root: Path) -> Iterator[Problem]:
+    """A prompt file exists under data/prompts/ (the stages' declared dependency: edits rerun them)."""
+    local = root / path
+    if not _is_under(local, root / PROMPTS_DIR):
+        yield Problem(key, f"got {_show(path)}; a prompt file must lie under {PROMPTS_DIR}/ (declared in dvc.yaml)")
+    elif not local.is_file():
+        yield Problem(key, f"got {_show(path)}; file does not exist")
+    elif local.suffix not in PROMPT_FORMATS:
+        yield Problem(key, f"got {_show(path)}; a prompt file is {' or '.join(PROMPT_FORMATS)}")
 
 
 def _tracker_problems(train: dict) -> Iterator[Problem]:

@@ -222,6 +222,35 @@ def canonical_type(dataset_type: str) -> str:
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    """Replay of the base model's own answers (the replay stage): rows that keep what the base knew."""
+
+    source: str = key("none", choices=("none", "prompts", "self"))
+    """none: no replay; prompts: the base's answers to the prompt file `prompts`; self: its answers to the
+    training data's own instructions (self-distillation: alpaca instruction and input, a conversation's first
+    user turn), never to a validation record's."""
+    prompts: str = key("data/prompts/replay.jsonl", minLength=1)
+    """source prompts: a prompt file under data/prompts/ (.jsonl with a "prompt" per line, or .txt). The shipped
+    one holds 400 everyday prompts, none of them in evaluate.general_prompts' file."""
+    weight: float = key(0.2, exclusiveMinimum=0, exclusiveMaximum=1)
+    """Replay's share of the training sequences: 0.2 adds one replay copy for every four training copies of
+    the data (after data.datasets weights), drawn as a dataset weight is."""
+    max_prompts: int | None = key(None, minimum=1)
+    """At most this many prompts, drawn with `seed` (in file order); null: all of them."""
+    max_new_tokens: int = key(128, minimum=1)
+    """Answer length cap. An answer that has not ended (stop token) within it is kept as cut: its text is
+    trained, its end-of-turn token is not (the model must not learn to stop mid-sentence). Counted in
+    metrics/replay.json."""
+    temperature: float = key(0.0, minimum=0)
+    """0: greedy (the base's most likely answer); above 0: sampled at this temperature with `seed`."""
+    seed: int = key(42, minimum=0)
+    """Seed of the prompt draw (max_prompts) and of sampling."""
+    batch_size: int | str = key("auto", minimum=1, pattern="^auto$")
+    """Prompts answered together (one KV cache per batch). auto: 32. With temperature 0 it does not change
+    the answers."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Training data: files to read and how to treat bad records."""
 
@@ -235,6 +264,19 @@ class DataConfig:
     first bad record."""
     dedup: bool = key(True)
     """Drop exact duplicates of an earlier record (after normalisation); they are counted in metrics."""
+    replay: ReplayConfig = key(
+        {
+            "source": "none",
+            "prompts": "data/prompts/replay.jsonl",
+            "weight": 0.2,
+            "max_prompts": None,
+            "max_new_tokens": 128,
+            "temperature": 0.0,
+            "seed": 42,
+            "batch_size": "auto",
+        }
+    )
+    """Training rows of the base's own answers, against forgetting what it knew (the replay stage)."""
 
 
 @dataclass(frozen=True)
@@ -438,13 +480,20 @@ class EvaluateConfig:
     """Validation generations written to metrics/samples.jsonl."""
     batch_size: int | str = key("auto", minimum=1, pattern="^auto$")
     """Sequences scored and prompts answered together (padded, one KV cache per batch): the same figures and
-    answers as one at a time, in fewer passes over the weights. auto: 16; more on a GPU with memory to spare
+    answers as one at a time, in fewer passes over the weights. auto: 32; more on a GPU with memory to spare
     for the batch's KV cache."""
     prompts: tuple[str, ...] = key(
         ("What is the capital of France?", "Give one tip for staying healthy."), items={"minLength": 1}
     )
     """General questions outside the training tasks, answered by every model in metrics/samples.jsonl (through
     the chat template): what fine-tuning kept or lost."""
+    general_prompts: str | None = key("data/prompts/general.jsonl", minLength=1)
+    """Retention: a prompt file under data/prompts/ (.jsonl with a "prompt" per line, or .txt). The base answers
+    each greedily; every model's mean NLL on those answers and how many of its own would begin as the base's
+    (first 8 tokens) go to the `retention` block of metrics/evaluate.json. The shipped file holds 240 everyday
+    prompts. null: no retention figures."""
+    general_max_new_tokens: int = key(32, minimum=1)
+    """Length cap of the base's answers to general_prompts (the retention reference)."""
 
 
 @dataclass(frozen=True)
@@ -501,5 +550,6 @@ def build_params(filled: dict) -> Params:
         if name == "data":
             for group in ("datasets", "test_datasets"):
                 raw[group] = tuple(_dataset(d) for d in filled["data"][group])
+            raw["replay"] = ReplayConfig(**filled["data"]["replay"])
         sections[name] = cls(**raw)
     return Params(**sections)

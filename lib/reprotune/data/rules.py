@@ -7,13 +7,11 @@ A bad record raises RecordError(code, detail); codes are the keys of rejected_by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import unicodedata
 from typing import Any
 
 from reprotune.config.sections import DatasetConfig
-from reprotune.records import CONTENT
 
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 # Role names seen in the wild (ShareGPT, Gemini, OpenAI functions) -> canonical role.
@@ -55,12 +53,6 @@ def normalise(record: Any, ds: DatasetConfig) -> dict:
         "text": None,
         **fields,
     }
-
-
-def record_id(canonical: dict) -> str:
-    """Content hash of the normalised record: equal content, equal id (used for dedup)."""
-    content = {k: canonical[k] for k in CONTENT}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def _alpaca(record: dict, ds: DatasetConfig) -> dict:

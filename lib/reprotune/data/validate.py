@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from reprotune.config import Params
 from reprotune.data.readers import DataError, RawRecord, read_dataset
-from reprotune.data.rules import RecordError, normalise, record_id
-from reprotune.records import DATASETS, RECORDS, ROW_GROUP, DatasetEntry, RecordsWriter, write_datasets
+from reprotune.data.rules import RecordError, normalise
+from reprotune.records import DATASETS, RECORDS, ROW_GROUP, DatasetEntry, RecordsWriter, record_id, write_datasets
 
 log = logging.getLogger(__name__)
 

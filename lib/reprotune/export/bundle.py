@@ -25,9 +25,9 @@ from reprotune.io import atomic_file, sha256_file
 from reprotune.loading import PROVENANCE_FILE, read_config, stop_token_ids
 
 log = logging.getLogger(__name__)
-# The card quotes the metrics of the stages that made the model. Not validate/tokenize: their metrics
-# hold run times, and a clone that reruns those cheap stages would otherwise rerun export too.
-QUOTED_STAGES = ("train", "merge", "evaluate")
+# The card quotes the metrics of the stages that made the model: how many replay rows it learnt from,
+# how training, the merge check and the evaluation went. Not validate/tokenize: the card hashes the data.
+QUOTED_STAGES = ("replay", "train", "merge", "evaluate")
 MODELFILE = "Modelfile"
 
 

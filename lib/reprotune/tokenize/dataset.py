@@ -20,6 +20,12 @@ Features
 - Dataset weights act on the training records after the split (a copy never lands in validation):
   weight w gives each record floor(w) copies plus one more for round(frac(w) x n) of them, drawn with a
   generator seeded by (seed, dataset index), so the split is drawn as without weights.
+- Replay (data/replay, the replay stage's records of the base's own answers) is mixed into training only,
+  after the split and the weights: round(w / (1 - w) x the data's training copies) replay copies in all
+  (w = data.replay.weight, so replay is w of the training copies), spread over its records as a dataset
+  weight is. The validation split and every data record's copies are those of a run without replay. A
+  self-distillation replay of a validation record is left out; an answer cut at max_new_tokens is trained
+  without its end-of-turn token.
 - Training rows are shuffled (seeded); validation rows keep packing order.
 - Best-fit-decreasing packing (packing.py) into bins of sequence_len, for train and val alike.
 
@@ -47,17 +53,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from reprotune import packed
 from reprotune.config import Params
 from reprotune.config.sections import TokenizeConfig
 from reprotune.io import temporary_env
-from reprotune.layout import BASE, VALIDATED
+from reprotune.layout import BASE, REPLAY, VALIDATED
 from reprotune.packed import IGNORE_INDEX
 from reprotune.records import (
     DATASETS,
     RECORDS,
+    REPLAY_CUT,
+    SELF_SOURCE,
     DatasetEntry,
     iter_record_batches,
     read_datasets,
@@ -193,14 +202,36 @@ def record_copies(dataset: np.ndarray, in_val: np.ndarray, entries: list[Dataset
             continue
         train = np.flatnonzero((dataset == index) & ~in_val)  # (n,) this dataset's training records
         # exact decimal arithmetic: 1.1 is 11/10 here, not 1.1000000000000000888 (whose fraction part would
-        # round 5 x 0.1 up); the extra copies are round-half-up(fraction x n)
-        whole, fraction = divmod(Fraction(str(entry.weight)), 1)
-        extra = math.floor(fraction * train.size + Fraction(1, 2))
-        chosen = np.random.default_rng([seed, index]).permutation(train.size)[:extra]
-        copies[train] = whole
-        copies[train[chosen]] += 1
+        # round 5 x 0.1 up)
+        copies[train] = weighted_copies(train.size, Fraction(str(entry.weight)), [seed, index])
         if train.size and not copies[train].any():
             log.warning("%s: weight %s leaves none of its %d training records", entry.path, entry.weight, train.size)
+    return copies
+
+
+def weighted_copies(n: int, weight: Fraction, key: list[int]) -> np.ndarray:
+    """(n,) int64: floor(weight) copies of each of n records, plus one more for round-half-up(frac(weight) x n)
+    of them, drawn with a generator seeded by `key`."""
+    whole, fraction = divmod(weight, 1)
+    extra = math.floor(fraction * n + Fraction(1, 2))
+    copies = np.full(n, int(whole), dtype=np.int64)
+    copies[np.random.default_rng(key).permutation(n)[:extra]] += 1
+    return copies
+
+
+def replay_copies(
+    replay: ReplayRecords, in_val: np.ndarray, task_copies: int, share: float, key: list[int]
+) -> np.ndarray:
+    """(replay records,) int64 training copies: round(share / (1 - share) x task_copies) in all, so replay is
+    `share` of the training records' copies, spread as a dataset weight is (drawn with `key`); none for a
+    replay of a validation record (self-distillation: its prompt is a validation prompt)."""
+    keep = ~(replay.of_training & in_val[np.maximum(replay.row, 0)])  # (replay records,) bool
+    copies = np.zeros(replay.n, dtype=np.int64)
+    if not keep.any():
+        return copies
+    w = Fraction(str(share))
+    total = math.floor(w / (1 - w) * task_copies + Fraction(1, 2))
+    copies[keep] = weighted_copies(int(keep.sum()), Fraction(total, int(keep.sum())), key)
     return copies
 
 
@@ -288,9 +319,28 @@ def write_split(
 
 
 @dataclass(frozen=True)
+class ReplayRecords:
+    """The replay stage's records (reprotune.replay): trained after the data's, never validated."""
+
+    path: Path
+    n: int
+    of_training: np.ndarray  # (n,) bool: the prompt is a training record's (self-distillation)
+    row: np.ndarray  # (n,) int64: that record's row in records.parquet (from 0), else -1
+
+    @classmethod
+    def read(cls, path: Path) -> ReplayRecords:
+        table = pq.read_table(path, columns=["source", "line"])
+        of_training = np.array([s == SELF_SOURCE for s in table.column("source").to_pylist()], dtype=bool)
+        row = np.where(of_training, table.column("line").to_numpy() - 1, -1).astype(np.int64)
+        return cls(Path(path), table.num_rows, of_training, row)
+
+
+@dataclass(frozen=True)
 class TokenizeInputs:
     records: Path = VALIDATED / RECORDS
     datasets: Path = VALIDATED / DATASETS
+    replay: Path = REPLAY / RECORDS
+    """The base's own answers (the replay stage); absent or empty: no replay."""
     base: Path = BASE
     """The base model folder: its tokenizer and chat template."""
 
@@ -300,16 +350,32 @@ def tokenize(params: Params, inputs: TokenizeInputs, out_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.base, trust_remote_code=params.base.trust_remote_code)
-    return tokenize_dataset(inputs.records, tokenizer, params.tokenize, out_dir, read_datasets(inputs.datasets))
+    replay = ReplayRecords.read(inputs.replay) if inputs.replay.is_file() else None
+    return tokenize_dataset(
+        inputs.records, tokenizer, params.tokenize, out_dir, read_datasets(inputs.datasets),
+        replay=replay if replay and replay.n else None, replay_weight=params.data.replay.weight,
+    )  # fmt: skip
 
 
-def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir, datasets: list[DatasetEntry] = ()) -> dict:
+def tokenize_dataset(
+    records_path,
+    tokenizer,
+    cfg: TokenizeConfig,
+    out_dir,
+    datasets: list[DatasetEntry] = (),
+    replay: ReplayRecords | None = None,
+    replay_weight: float = 0.0,
+) -> dict:
     """Tokenize, mask, split, pack and write `records_path` into `out_dir`; returns the metrics.
 
     `datasets`: the entries the records' `dataset` indexes point at (test sets, weights, chat masking);
-    an index without an entry is a plain dataset."""
+    an index without an entry is a plain dataset. `replay`: records trained after those, `replay_weight`
+    of the training sequences' records; the split and every data record's copies are as without them."""
     records_path, out_dir = Path(records_path), Path(out_dir)
-    encoder = PromptEncoder(tokenizer, cfg, chat_masking(datasets, cfg))
+    masking = chat_masking(datasets, cfg)
+    if replay is not None:  # a replay answer cut at max_new_tokens: its text trained, its end of turn not
+        masking[len(datasets) + REPLAY_CUT] = ChatMasking(frozenset(cfg.roles_to_train), "none")
+    encoder = PromptEncoder(tokenizer, cfg, masking)
     dataset = record_datasets(records_path)  # (records,) int32
     n_records = dataset.size
     if datasets and dataset.size and dataset.max() >= len(datasets):
@@ -322,10 +388,23 @@ def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir, data
     in_val = np.isin(dataset, tests) if tests else split_records(n_records, cfg.val_set_size, rng)
     copies = record_copies(dataset, in_val, datasets, cfg.seed)  # (records,) int64 training copies
     n_val = int(in_val.sum())
+    tasks = iter_record_batches(records_path, cfg.batch_size)
+    if replay is not None:  # replay records follow the data's: indexes n_records.., never in validation
+        if replay.row.max() >= n_records:
+            raise TokenizeError(f"{replay.path} replays record rows beyond {records_path}'s {n_records}: rerun replay")
+        more = replay_copies(replay, in_val, int(copies.sum()), replay_weight, [cfg.seed, len(datasets)])
+        replay_figures = {
+            "records": replay.n,
+            "left_out_validation": int((replay.of_training & in_val[np.maximum(replay.row, 0)]).sum()),
+            "weight": replay_weight,
+            "train_copies": int(more.sum()),
+        }
+        copies, in_val = np.concatenate([copies, more]), np.concatenate([in_val, np.zeros(replay.n, bool)])
+        tasks = chain(tasks, replay_batches(replay.path, n_records, len(datasets), cfg.batch_size))
     spill = Spill(out_dir / SPILL)
     try:
         counts = Counter()
-        batches = ordered_batches(encoder, iter_record_batches(records_path, cfg.batch_size), cfg.num_proc)
+        batches = ordered_batches(encoder, tasks, cfg.num_proc)
         for batch in tqdm(batches, desc="tokenize", unit="batch", mininterval=2):
             spill.add(batch)
             counts.update(batch.counts)
@@ -341,12 +420,23 @@ def tokenize_dataset(records_path, tokenizer, cfg: TokenizeConfig, out_dir, data
             "train": write_split(out_dir, "train", train_seqs, n_records - n_val, spill, cfg, rng),
             "val": write_split(out_dir, "val", np.flatnonzero(seq_val), n_val, spill, cfg, None),
         }
+        if replay is not None:  # replay's share of what training learns from: its supervised tokens
+            replayed = train_seqs[spill.record[train_seqs] >= n_records]
+            replay_figures["train_supervised_tokens"] = int(spill.trained[replayed].sum(dtype=np.int64))
     finally:
         shutil.rmtree(out_dir / SPILL, ignore_errors=True)
     packed.write_manifest(out_dir, cfg.sequence_len, cfg.sample_packing, splits)
     metrics = _metrics(n_records, splits, counts, cfg.sequence_len)
-    weights = weight_figures(dataset, in_val, copies, datasets)
-    return {**metrics, "weights": weights} if weights else metrics
+    weights = weight_figures(dataset, in_val[:n_records], copies[:n_records], datasets)
+    metrics = {**metrics, "weights": weights} if weights else metrics
+    return {**metrics, "replay": replay_figures} if replay is not None else metrics
+
+
+def replay_batches(path: Path, start: int, offset: int, batch_size: int) -> Iterator[tuple[int, list[dict]]]:
+    """The replay records as tokenizer tasks: indexes from `start`, dataset indexes moved past the data's by
+    `offset` (0, an ended answer: tokenize's own chat masking; REPLAY_CUT: see tokenize_dataset)."""
+    for first, batch in iter_record_batches(path, batch_size):
+        yield start + first, [{**r, "dataset": offset + r["dataset"]} for r in batch]
 
 
 def chat_masking(datasets: list[DatasetEntry], cfg: TokenizeConfig) -> dict[int, ChatMasking]:
