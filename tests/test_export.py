@@ -51,9 +51,12 @@ def records(tmp_path_factory) -> tuple[Path, Path]:
     (root / "reprotune_base.json").write_text(json.dumps(PROVENANCE))
     metrics = root / "metrics"
     metrics.mkdir()
+    retention = {"prompts": 240, "prefix_tokens": 8, "base": {"nll": 0.675, "begins_as_base_count": 240},
+                 "as_shipped": {"nll": 0.775, "begins_as_base_count": 43}}  # fmt: skip
     (metrics / "evaluate.json").write_text(json.dumps(
-        {"base": {"loss": 5.5, "exact_match": 0.0}, "as_shipped": {"loss": 1.25, "exact_match": 0.5},
-         "delta_loss": -4.25}))  # fmt: skip
+        {"base": {"loss": 5.5, "exact_match": 0.0, "exact_match_count": 0, "generated": 4},
+         "as_shipped": {"loss": 1.25, "exact_match": 0.5, "exact_match_count": 2, "generated": 4},
+         "delta_loss": -4.25, "retention": retention}))  # fmt: skip
     (metrics / "merge.json").write_text(json.dumps({"rtol": 1e-4, "verify_sequences": 4}))
     return root / "reprotune_base.json", metrics
 
@@ -187,6 +190,9 @@ def test_card_records_provenance_data_params_and_metrics(exported):
     assert list(params) == ["base", "data", "tokenize", "quant", "lora", "train", "merge", "evaluate", "export"]
     assert params["lora"]["r"] == 16 and params["export"]["formats"] == ["safetensors", "gguf"]
     assert "| evaluate.as_shipped.loss | 1.25 |" in card and "| evaluate.delta_loss | -4.25 |" in card
+    assert "| exact match (of 4 validation answers) | 0 | 2 |" in card  # the headline, base beside this model
+    assert "| retention: NLL of the base's own answers to 240 general prompts | 0.675 | 0.775 |" in card
+    assert "| retention: answers beginning as the base's (first 8 tokens) | 240 | 43 |" in card
     assert "| merge.rtol | 0.0001 |" in card and "| merge.verify_sequences | 4 |" in card
     assert "`model.f16.gguf`" in card and "`manifest.json`" in card
 

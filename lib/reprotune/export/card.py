@@ -80,6 +80,26 @@ def flat_metrics(metrics: dict[str, dict]) -> list[tuple[str, str]]:
     return rows
 
 
+def results_rows(evaluate: dict) -> list[str]:
+    """The headline figures, base beside the shipped model: task accuracy and what the base knew (retention)."""
+    base, shipped = evaluate.get("base"), evaluate.get("as_shipped")
+    if not base or not shipped:
+        return []
+    rows = ["| | base | this model |", "| --- | --- | --- |",
+            f"| validation loss | {base['loss']} | {shipped['loss']} |",
+            f"| exact match (of {shipped['generated']} validation answers) | {base['exact_match_count']} | "
+            f"{shipped['exact_match_count']} |"]  # fmt: skip
+    kept = evaluate.get("retention")
+    if kept:
+        rows += [
+            f"| retention: NLL of the base's own answers to {kept['prompts']} general prompts | "
+            f"{kept['base']['nll']} | {kept['as_shipped']['nll']} |",
+            f"| retention: answers beginning as the base's (first {kept['prefix_tokens']} tokens) | "
+            f"{kept['base']['begins_as_base_count']} | {kept['as_shipped']['begins_as_base_count']} |",
+        ]
+    return rows + [""]
+
+
 def model_title(model: str) -> str:
     """Short name of a base model: org/name -> name, builtin:tiny-llama -> tiny-llama."""
     return re.split(r"[/:]", model.rstrip("/"))[-1]
@@ -132,6 +152,7 @@ def render_card(
         "",
         "## Metrics",
         "",
+        *results_rows(metrics.get("evaluate", {})),
     ]
     rows = flat_metrics(metrics)
     table = ["| metric | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows]]
