@@ -370,7 +370,7 @@ def test_stage_writes_model_and_metrics_or_nothing(base, adapter, packed, tmp_pa
         (base, "models/base"),
         (adapter, "models/adapter"),
         (packed, "data/packed"),
-        *((REPO / name, name) for name in ("params.yaml", "dvc.yaml", "data/sample")),
+        *((REPO / name, name) for name in ("params.yaml", "dvc.yaml", "data/sample", "data/prompts")),
     ):
         (tmp_path / dst).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / dst).symlink_to(src)

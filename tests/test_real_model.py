@@ -28,7 +28,7 @@ def test_preset_is_a_complete_params_file_that_passes_check(tmp_path):
     (tmp_path / GGUF).parent.mkdir(parents=True)
     (tmp_path / GGUF).write_bytes(b"")  # check looks for the file, it does not read it
     shutil.copy(REPO / PRESET, tmp_path / "params.yaml")
-    for d in ("data/sample", "data/raw"):
+    for d in ("data/sample", "data/raw", "data/prompts"):
         shutil.copytree(REPO / d, tmp_path / d)
     assert check(tmp_path / "params.yaml") == 0
 
