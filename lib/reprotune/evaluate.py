@@ -67,7 +67,7 @@ from reprotune.config import Params
 from reprotune.config.sections import EvaluateConfig
 from reprotune.files import read_prompts
 from reprotune.generate import answers, batch_size, chat_prompt, decode
-from reprotune.io import atomic_file
+from reprotune.io import atomic_file, write_json
 from reprotune.loading import load_model, read_config, stop_token_ids, stored_dtype, takes_logits_to_keep
 from reprotune.packed import IGNORE_INDEX, ValSequence, read_val_sequences
 from reprotune.quant import load_as_trained
@@ -156,6 +156,11 @@ def batch_scores(model, seqs: list[ValSequence]) -> Scores:
     return Scores(float(nll), int(supervised.sum()), rows_with_labels - int(row[missed].unique().numel()))
 
 
+def scores_of(model, seqs: list[ValSequence], batch: int) -> Scores:
+    """`batch_scores` over `seqs` in batches of similar length; the sums are order-free."""
+    return sum((batch_scores(model, chunk) for chunk in by_length(seqs, batch)), Scores())
+
+
 def by_length(seqs: list[ValSequence], batch_size: int) -> list[list[ValSequence]]:
     """`seqs` in batches of similar length (sorted: little padding); the sum over them is order-free."""
     ordered = sorted(seqs, key=lambda s: len(s.input_ids))
@@ -174,7 +179,7 @@ def score_model(
     """Loss/perplexity/exact match of one model, its decoded outputs for `gens`, and its answers to the
     general `prompts` (token ids)."""
     batch = batch_size(cfg.batch_size)
-    scores = sum((batch_scores(model, chunk) for chunk in by_length(seqs, batch)), Scores())
+    scores = scores_of(model, seqs, batch)
     nll, tokens = scores.nll, scores.tokens
     texts = [decode(tokenizer, ids) for ids in answers(model, [g.prompt for g in gens] + list(prompts),
                                                        cfg.max_new_tokens, stops, batch)]  # fmt: skip
@@ -212,8 +217,7 @@ def evaluate(params: Params, inputs: EvaluateInputs, out_dir: Path) -> dict:
     metrics, samples = compare(loaders, inputs.merged, inputs.packed, cfg, trust, general)
     with atomic_file(Path(out_dir) / SAMPLES) as f:
         f.writelines(json.dumps(s, sort_keys=True, ensure_ascii=False) + "\n" for s in samples)
-    with atomic_file(Path(out_dir) / MODELS) as f:
-        f.write(json.dumps(model_records(metrics), indent=2, sort_keys=True) + "\n")
+    write_json(Path(out_dir) / MODELS, model_records(metrics))
     return {**metrics, "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -302,8 +306,7 @@ def retention_reference(model, questions: list[list[int]], cfg: EvaluateConfig, 
 def score_retention(model, reference: list[ValSequence], cfg: EvaluateConfig) -> dict:
     """A model's mean NLL on the base's answers, and how many of its own greedy answers would begin as the
     base's (the first RETENTION_PREFIX tokens)."""
-    batch = batch_size(cfg.batch_size)
-    scores = sum((batch_scores(model, chunk) for chunk in by_length(reference, batch)), Scores())
+    scores = scores_of(model, reference, batch_size(cfg.batch_size))
     return {
         "nll": _round(scores.nll / scores.tokens),
         "begins_as_base": _round(scores.prefix_matches / len(reference)),

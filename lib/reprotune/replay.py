@@ -56,7 +56,7 @@ from reprotune.config.sections import ReplayConfig
 from reprotune.errors import BadInput
 from reprotune.files import read_prompts
 from reprotune.generate import answers, batch_size, chat_prompt, decode
-from reprotune.io import sha256_file
+from reprotune.io import sha256_file, write_json
 from reprotune.loading import PROVENANCE_FILE, load_model, read_config, stop_token_ids, stored_dtype
 from reprotune.records import DATASETS, RECORDS, REPLAY_CUT, SELF_SOURCE, RecordsWriter, read_datasets, record_id
 
@@ -152,7 +152,7 @@ def replay(params: Params, inputs: ReplayInputs, out_dir: Path) -> dict:
         "base": {k: provenance.get(k) for k in ("model", "source", "revision", "commit_sha")},
         "records": len(records),
     }
-    (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(Path(out_dir) / MANIFEST, manifest)
     return {**figures, "records": len(records)}
 
 

@@ -219,14 +219,11 @@ def weighted_copies(n: int, weight: Fraction, key: list[int]) -> np.ndarray:
     return copies
 
 
-def replay_copies(
-    replay: ReplayRecords, in_val: np.ndarray, task_copies: int, share: float, key: list[int]
-) -> np.ndarray:
+def replay_copies(keep: np.ndarray, task_copies: int, share: float, key: list[int]) -> np.ndarray:
     """(replay records,) int64 training copies: round(share / (1 - share) x task_copies) in all, so replay is
-    `share` of the training records' copies, spread as a dataset weight is (drawn with `key`); none for a
-    replay of a validation record (self-distillation: its prompt is a validation prompt)."""
-    keep = ~(replay.of_training & in_val[np.maximum(replay.row, 0)])  # (replay records,) bool
-    copies = np.zeros(replay.n, dtype=np.int64)
+    `share` of the training records' copies, spread over the records `keep` marks as a dataset weight is
+    (drawn with `key`); none for the others (replays of validation prompts)."""
+    copies = np.zeros(keep.size, dtype=np.int64)
     if not keep.any():
         return copies
     w = Fraction(str(share))
@@ -327,6 +324,10 @@ class ReplayRecords:
     of_training: np.ndarray  # (n,) bool: the prompt is a training record's (self-distillation)
     row: np.ndarray  # (n,) int64: that record's row in records.parquet (from 0), else -1
 
+    def of_validation(self, in_val: np.ndarray) -> np.ndarray:
+        """(n,) bool: self-distillation replays of the records `in_val` (records,) marks as validation."""
+        return self.of_training & in_val[np.maximum(self.row, 0)]
+
     @classmethod
     def read(cls, path: Path) -> ReplayRecords:
         table = pq.read_table(path, columns=["source", "line"])
@@ -392,10 +393,11 @@ def tokenize_dataset(
     if replay is not None:  # replay records follow the data's: indexes n_records.., never in validation
         if replay.row.max() >= n_records:
             raise TokenizeError(f"{replay.path} replays record rows beyond {records_path}'s {n_records}: rerun replay")
-        more = replay_copies(replay, in_val, int(copies.sum()), replay_weight, [cfg.seed, len(datasets)])
+        left_out = replay.of_validation(in_val)  # (replay records,) bool
+        more = replay_copies(~left_out, int(copies.sum()), replay_weight, [cfg.seed, len(datasets)])
         replay_figures = {
             "records": replay.n,
-            "left_out_validation": int((replay.of_training & in_val[np.maximum(replay.row, 0)]).sum()),
+            "left_out_validation": int(left_out.sum()),
             "weight": replay_weight,
             "train_copies": int(more.sum()),
         }
