@@ -118,13 +118,13 @@ def throughput(tmp: Path, n_sequences: int, sequence_len: int, repeats: int) -> 
     return out
 
 
-def build_random_llama(out_dir: Path) -> int:
+def build_random_llama(out_dir: Path, dtype: str = "bfloat16") -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=1, pad_token_id=2, **BIG_ARCH)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(out_dir)  # no tokenizer: training reads token ids only
     return sum(p.numel() for p in model.parameters())
 

@@ -6,7 +6,9 @@ What it runs, each training variant in a fresh process so peak memory is its own
      loss alone (bf16: within 0.02 nats);
   2. QLoRA (NF4 + double quant, bf16 compute) and 16-bit LoRA (bf16 base), 20 optimizer steps of
      2 packed rows x 4 accumulation steps at sequence_len 2048, through reprotune.train.run.train:
-     tokens/s, supervised tokens/s, peak torch.cuda.max_memory_allocated, and the memory ratio.
+     tokens/s, supervised tokens/s, peak torch.cuda.max_memory_allocated, and the memory ratio;
+  3. with two or more GPUs: QLoRA on an FSDP-sharded 4-bit base (train.distributed: fsdp, accelerate's FSDP
+     plugin, quant storage in bf16), FSDP_STEPS steps over all GPUs: what ran and the base share per process.
 The model has TinyLlama's shape (hidden 2048, 22 layers, GQA 32/4 heads, vocab 32000), random
 weights, built on the GPU and saved in bf16. Takes ~3-5 minutes on one H100/H200-class GPU.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,6 +34,8 @@ from reprotune import testing as synthetic
 from reprotune.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
+CHILD_ENV = "GPU_CHECK_CHILD"  # the FSDP run's processes, started by accelerate, read their arguments here
+FSDP_STEPS = 5
 ARCH = dict(
     vocab_size=32000,
     hidden_size=2048,
@@ -101,8 +106,9 @@ def isolation(model_dir: Path) -> dict:
     return {"attn_implementation": attn, "max_gap": max(abs(a - b) for a, b in zip(alone, packed))}
 
 
-def child(variant: str, model_dir: Path, data_dir: Path, root: Path) -> dict:
-    """One training run in this (fresh) process; returns the stage's metrics."""
+def child(variant: str, model_dir: Path, data_dir: Path, root: Path) -> dict | None:
+    """One training run in this (fresh) process, or one process of the FSDP run; returns the stage's metrics
+    (None on the FSDP run's other processes)."""
     from reprotune.stage import execute
     from reprotune.train.run import TrainInputs, train
 
@@ -113,13 +119,14 @@ def child(variant: str, model_dir: Path, data_dir: Path, root: Path) -> dict:
     params = load_params(REPO / "params.yaml")
     params = dataclasses.replace(
         params,
-        quant=dataclasses.replace(params.quant, load_in_4bit=variant == "qlora"),
+        quant=dataclasses.replace(params.quant, load_in_4bit=variant in ("qlora", "fsdp-qlora")),
         lora=dataclasses.replace(params.lora, r=16, alpha=32),
         train=dataclasses.replace(
             params.train,
             micro_batch_size=2,
             gradient_accumulation_steps=4,
-            max_steps=STEPS,
+            max_steps=FSDP_STEPS if variant == "fsdp-qlora" else STEPS,
+            distributed="fsdp" if variant == "fsdp-qlora" else "auto",
             learning_rate=2e-4,
             save_steps=10**6,
             logging_steps=5,
@@ -130,9 +137,26 @@ def child(variant: str, model_dir: Path, data_dir: Path, root: Path) -> dict:
     return execute(train, params, TrainInputs.under(root), out=root / "models/adapter")
 
 
+def fsdp_qlora(model_dir: Path, data_dir: Path, root: Path, gpus: int) -> dict:
+    """QLoRA on an FSDP-sharded 4-bit base over `gpus` processes (accelerate's FSDP plugin), as the stage
+    launches it; the main process's metrics."""
+    from reprotune.train import launch
+
+    where = launch.Rendezvous(1, 0, "127.0.0.1", launch._free_port())
+    env = {**os.environ, CHILD_ENV: json.dumps(["fsdp-qlora", str(model_dir), str(data_dir), str(root)])}
+    result = subprocess.run(launch.accelerate_command(gpus, __file__, where), env=env, capture_output=True, text=True)
+    if result.returncode:
+        print(f"gpu_check: the FSDP QLoRA run failed:\n{result.stderr[-4000:]}", file=sys.stderr)
+        sys.exit(1)
+    return json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
+
+
 def main() -> None:
-    if sys.argv[1:2] == ["--child"]:
-        print(json.dumps(child(sys.argv[2], *(Path(a) for a in sys.argv[3:6]))))
+    if sys.argv[1:2] == ["--child"] or os.environ.get(CHILD_ENV):
+        variant, *paths = sys.argv[2:6] if sys.argv[1:2] == ["--child"] else json.loads(os.environ[CHILD_ENV])
+        metrics = child(variant, *(Path(a) for a in paths))
+        if metrics is not None:
+            print(json.dumps(metrics))
         return
     import torch
 
@@ -161,6 +185,10 @@ def main() -> None:
                 print(f"gpu_check: the {variant} run failed:\n{result.stderr[-4000:]}", file=sys.stderr)
                 sys.exit(1)
             runs[variant] = json.loads(result.stdout.strip().splitlines()[-1])
+        if torch.cuda.device_count() >= 2:
+            runs["fsdp-qlora"] = fsdp_qlora(
+                tmp / "model", tmp / "packed", tmp / "fsdp-qlora", torch.cuda.device_count()
+            )
     report(torch.cuda.get_device_name(), n_params, iso, runs)
 
 
@@ -181,6 +209,16 @@ def report(device: str, n_params: int, iso: dict, runs: dict) -> None:
         )
     ratio = runs["qlora"]["peak_memory_bytes"] / runs["lora16"]["peak_memory_bytes"]
     print(f"  memory ratio QLoRA / LoRA: {ratio:.2f}")
+    m = runs.get("fsdp-qlora")
+    if m is None:
+        print("  FSDP QLoRA: not run (needs two or more CUDA devices)")
+        return
+    share = m["local_parameter_share"]
+    print(
+        f"  FSDP QLoRA over {m['world_size']} GPUs: {m['distributed']}, base share held by process 0 {share:.3f}, "
+        f"peak {m['peak_memory_bytes'] / 2**30:.2f} GiB, {m['steps']} steps, loss {m['train_loss']:.3f} -> "
+        f"{ok[m['distributed'] == 'fsdp' and share < 0.75]}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench_packing",
     "bench_tokenize",
     "bench_train",
+    "bench_fsdp",
     "bench_loss",
     "bench_smollm2",
     "bench_merge",

@@ -16,9 +16,9 @@ from reprotune.train.run import TrainInputs, train
 
 def launch_or_train(params, inputs: TrainInputs, out_dir):
     """The core, or (train.launcher) its processes under accelerate, which each come back here."""
-    processes = processes_to_launch(params.train.launcher)
+    processes = processes_to_launch(params.train)
     if processes:
-        sys.exit(relaunch(processes, __file__))
+        sys.exit(relaunch(processes, __file__, params))
     return train(params, inputs, out_dir)
 
 

@@ -308,7 +308,7 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny, seqs, monkeypatch
     train(at_best, project(tmp_path / "at_best", tiny, seqs))
     killed = project(tmp_path / "killed", tiny, seqs)
     with monkeypatch.context() as patch:
-        patch.setattr(run_module, "save_adapter", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        patch.setattr(run_module, "save_adapter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             train(params, killed)
     rerun = train(params, killed)

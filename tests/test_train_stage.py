@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -19,10 +20,11 @@ import yaml
 from safetensors.torch import load_file
 
 from reprotune import testing as synthetic
+from reprotune.config import load_params
 from reprotune.io import write_json
 from reprotune.model.builtin import build_tiny_llama
 from reprotune.train.checkpoints import MARKER, select_resume, write_marker
-from reprotune.train.launch import WORKER_ENV, accelerate_command, processes_to_launch
+from reprotune.train.launch import WORKER_ENV, Rendezvous, accelerate_command, processes_to_launch
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE_LEN = 128
@@ -200,14 +202,20 @@ def test_only_complete_checkpoints_of_this_run_are_resumed_and_the_rest_pruned(t
 def test_launcher_choice(monkeypatch):
     monkeypatch.delenv(WORKER_ENV, raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # this host's view: no GPU
-    assert processes_to_launch("python") == 0
-    assert processes_to_launch("auto") == 0  # fewer than two GPUs: in-process
-    assert processes_to_launch("accelerate") == 1
+    defaults = load_params(REPO / "params.yaml").train
+
+    def launcher(name: str):
+        return dataclasses.replace(defaults, launcher=name)
+
+    assert processes_to_launch(launcher("python")) == 0
+    assert processes_to_launch(launcher("auto")) == 0  # fewer than two GPUs: in-process
+    assert processes_to_launch(launcher("accelerate")) == 1
     monkeypatch.setenv("REPROTUNE_NUM_PROCESSES", "2")
-    assert processes_to_launch("accelerate") == 2
+    assert processes_to_launch(launcher("accelerate")) == 2
     monkeypatch.setenv(WORKER_ENV, "1")  # the relaunched stage trains
-    assert processes_to_launch("accelerate") == 0
-    two, one = accelerate_command(2, "stages/train.py", 1234), accelerate_command(1, "stages/train.py", 1234)
+    assert processes_to_launch(launcher("accelerate")) == 0
+    here = Rendezvous(1, 0, "127.0.0.1", 1234)
+    two, one = accelerate_command(2, "stages/train.py", here), accelerate_command(1, "stages/train.py", here)
     assert "--multi_gpu" in two and "--multi_gpu" not in one
     assert two[-1] == "stages/train.py" and two[two.index("--num_processes") + 1] == "2"
 

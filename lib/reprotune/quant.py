@@ -4,7 +4,7 @@
 - `compute_dtype_setting` / `training_compute_dtype`: the dtype training computes in (the 4-bit compute
   dtype setting under QLoRA, else `auto`, resolved for this machine by hardware.resolve).
 - `bnb_config`: transformers' BitsAndBytesConfig from the quant section and the resolved compute dtype.
-  Quant storage `auto` is uint8 (FSDP would need it equal to the compute dtype).
+  Quant storage `auto` is uint8, or the compute dtype when FSDP shards the 4-bit weights (CUDA).
 - `load_kwargs`: from_pretrained's arguments for the base as training loads it; `load_as_trained`: the
   adapter on that base (evaluate's "as trained", `reprotune chat --adapter`).
 - `quantized_names`: the weights bitsandbytes quantizes when loading: every nn.Linear but the output
@@ -34,18 +34,28 @@ def training_compute_dtype(quant: QuantConfig, train: TrainConfig) -> str:
     return resolve(train.bf16, train.fp16, "sdpa", compute_dtype_setting(quant)).compute_dtype
 
 
-def load_kwargs(quant: QuantConfig, compute_dtype: str, device: str) -> dict:
+def load_kwargs(quant: QuantConfig, compute_dtype: str, device: str, sharded: bool = False) -> dict:
     """from_pretrained arguments for the base as training loads it: in `compute_dtype`, and under QLoRA
-    quantized to 4 bits on `device` (bitsandbytes quantizes where the weights land)."""
+    quantized to 4 bits on `device` (bitsandbytes quantizes where the weights land); `sharded`: FSDP will
+    shard it."""
     import torch
 
     kwargs = {"dtype": getattr(torch, compute_dtype)}
     if quant.load_in_4bit:
-        kwargs |= {"quantization_config": bnb_config(quant, compute_dtype), "device_map": {"": device}}
+        kwargs |= {"quantization_config": bnb_config(quant, compute_dtype, sharded), "device_map": {"": device}}
     return kwargs
 
 
-def bnb_config(quant: QuantConfig, compute_dtype: str):
+def storage_dtype(setting: str, compute_dtype: str, sharded: bool) -> str:
+    """The torch dtype name packed 4-bit weights are stored in. auto: uint8, but the compute dtype when FSDP
+    shards them (a sharding unit flattens its parameters together, so they must share one dtype; the values
+    are the same bytes either way)."""
+    if setting == "auto" and sharded:
+        return compute_dtype
+    return STORAGE_DTYPES[setting]
+
+
+def bnb_config(quant: QuantConfig, compute_dtype: str, sharded: bool = False):
     """BitsAndBytesConfig for 4-bit loading; `compute_dtype` is a torch dtype name (float32, bfloat16...)."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -55,7 +65,7 @@ def bnb_config(quant: QuantConfig, compute_dtype: str):
         bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-        bnb_4bit_quant_storage=getattr(torch, STORAGE_DTYPES[quant.bnb_4bit_quant_storage]),
+        bnb_4bit_quant_storage=getattr(torch, storage_dtype(quant.bnb_4bit_quant_storage, compute_dtype, sharded)),
     )
 
 

@@ -259,10 +259,17 @@ KEYS: dict[str, Rule] = {
     "rl": unsupported("preference / RL training (DPO, ORPO, KTO, GRPO) is not available; reprotune does SFT"),
     "reward_model": unsupported("reward-model training is not available; reprotune does SFT"),
     "process_reward_model": unsupported("reward-model training is not available; reprotune does SFT"),
-    "deepspeed": unsupported("DeepSpeed is not used; several GPUs train with DDP (accelerate launch)"),
-    "fsdp": unsupported("FSDP is not available yet; several GPUs train with DDP (accelerate launch)"),
-    "fsdp_config": unsupported("FSDP is not available yet; several GPUs train with DDP (accelerate launch)"),
-    "fsdp_version": unsupported("FSDP is not available yet; several GPUs train with DDP (accelerate launch)"),
+    "deepspeed": unsupported(
+        "DeepSpeed is not used; nearest: FSDP (fsdp_config: the base sharded across GPUs, ZeRO-3's role) or DDP"
+    ),
+    "fsdp": Rule(
+        MAPPED,
+        "train.distributed: fsdp",
+        "full_shard, auto_wrap; offload and shard_grad_op set train.fsdp",
+        v.fsdp_switch,
+    ),
+    "fsdp_config": Rule(MAPPED, "train.fsdp", "each key is listed as fsdp_config.key"),
+    "fsdp_version": Rule(MAPPED, "train.fsdp.version", "2; 1 runs as FSDP2 (same sharding)", v.fsdp_version),
     "unfrozen_parameters": unsupported("full fine-tuning of chosen layers is not available; nearest: LoRA"),
     "processor_type": unsupported("vision and audio models are not available; text-only SFT"),
     "image_size": unsupported("vision models are not available; text-only SFT"),
@@ -270,6 +277,35 @@ KEYS: dict[str, Rule] = {
     "skip_prepare_dataset": unsupported("vision and audio datasets are not available; text-only SFT"),
     "remove_unused_columns": ignored("set by the train stage"),
     "lora_target_parameters": unsupported("LoRA on MoE expert parameters is not available yet"),
+}
+# The keys of an fsdp_config mapping, without Axolotl's optional fsdp_ prefix (both spellings are read).
+FSDP1_ONLY = "an FSDP1 knob; FSDP2 (what runs) has no such setting"
+FSDP_KEYS: dict[str, Rule] = {
+    "version": Rule(MAPPED, "train.fsdp.version", "2; 1 runs as FSDP2 (same sharding)", v.fsdp_version),
+    "auto_wrap_policy": Rule(MAPPED, "train.fsdp.auto_wrap_policy", "TRANSFORMER_BASED_WRAP", v.fsdp_wrap_policy),
+    "transformer_layer_cls_to_wrap": Rule(
+        MAPPED, "train.fsdp.transformer_layer_cls_to_wrap", "one class name", v.fsdp_layer_class
+    ),
+    "reshard_after_forward": Rule(MAPPED, "train.fsdp.reshard_after_forward", "", v.fsdp_flag("reshard_after_forward")),
+    "offload_params": Rule(MAPPED, "train.fsdp.offload_params", "", v.fsdp_flag("offload_params")),
+    "cpu_ram_efficient_loading": Rule(
+        MAPPED, "train.fsdp.cpu_ram_efficient_loading", "", v.fsdp_flag("cpu_ram_efficient_loading")
+    ),
+    "state_dict_type": Rule(MAPPED, "train.fsdp.state_dict_type", "FULL or SHARDED", v.fsdp_state_dict),
+    "activation_checkpointing": Rule(
+        MAPPED,
+        "train.fsdp.activation_checkpointing",
+        "true turns train.gradient_checkpointing off: FSDP recomputes instead (the Trainer takes one of the two)",
+        v.fsdp_flag("activation_checkpointing"),
+    ),
+    "sharding_strategy": Rule(
+        TRANSLATED, "train.fsdp.reshard_after_forward", "FULL_SHARD -> true, SHARD_GRAD_OP -> false", v.fsdp_strategy
+    ),
+    "use_orig_params": ignored(FSDP1_ONLY),
+    "sync_module_states": ignored(f"{FSDP1_ONLY}: every process loads or receives the same weights"),
+    "limit_all_gathers": ignored(FSDP1_ONLY),
+    "backward_prefetch": ignored(SPEED_ONLY),
+    "forward_prefetch": ignored(SPEED_ONLY),
 }
 # Families of keys, matched when the key itself is not in KEYS.
 PATTERNS: list[tuple[str, Rule]] = [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from reprotune.axolotl.keys import DATASET_KEYS, KEYS, PATTERNS
+from reprotune.axolotl.keys import DATASET_KEYS, FSDP_KEYS, KEYS, PATTERNS
 from reprotune.axolotl.rules import IGNORED, MAPPED, TRANSLATED, UNSUPPORTED, Row
 from reprotune.axolotl.translate import params_from
 from reprotune.config.check import check_params
@@ -92,6 +92,8 @@ def key_map_markdown() -> str:
     for key, rule in DATASET_KEYS.items():
         target = rule.target and f"data.datasets[].{rule.target}"
         lines.append(f"| `datasets[].{key}` | {rule.status} | {_code(target)} | {rule.note} |")
+    for key, rule in FSDP_KEYS.items():
+        lines.append(f"| `fsdp_config.[fsdp_]{key}` | {rule.status} | {_code(rule.target)} | {rule.note} |")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Any
 
-from reprotune.axolotl.keys import DATASET_KEYS, DATASET_TYPES, KEYS, PATTERNS, ZERO_IS_UNSET
+from reprotune.axolotl.keys import DATASET_KEYS, DATASET_TYPES, FSDP_KEYS, KEYS, PATTERNS, ZERO_IS_UNSET
 from reprotune.axolotl.rules import (
     IGNORED,
     MAPPED,
@@ -54,6 +54,12 @@ def translate(cfg: dict) -> tuple[dict, list[Row]]:
             rows.append(Row(key, f"{len(value)} entries", MAPPED, f"data.{key}", ""))
             rows += more
             continue
+        if key == "fsdp_config":
+            values, more = _fsdp_config(value, cfg)
+            out |= values
+            rows.append(Row(key, f"{len(value)} keys", MAPPED, "train.fsdp", "train.distributed: fsdp"))
+            rows += more
+            continue
         rule = rule_for(key)
         if value is False and rule.status == UNSUPPORTED:  # a feature switched off is no feature
             rule = ignored("false: off, as by default")
@@ -63,6 +69,8 @@ def translate(cfg: dict) -> tuple[dict, list[Row]]:
         except Unsupported as e:
             row = dataclasses.replace(row, status=UNSUPPORTED, note=str(e))
         rows.append(row)
+    if out.get("train.fsdp.activation_checkpointing"):  # FSDP's recomputation replaces transformers' own
+        out["train.gradient_checkpointing"] = False
     if not _empty(cfg.get("test_datasets")) and _empty(cfg.get("val_set_size")):
         out["tokenize.val_set_size"] = 0  # Axolotl's default 0; reprotune's 0.05 would contradict test_datasets
         rows.append(
@@ -111,6 +119,24 @@ def _datasets(group: str, entries: list) -> tuple[list[dict], list[Row]]:
     return datasets, rows
 
 
+def _fsdp_config(value, cfg: dict) -> tuple[dict, list[Row]]:
+    """train.distributed: fsdp and the train.fsdp keys of an fsdp_config mapping, and a row per key."""
+    if not isinstance(value, dict):
+        return {}, [Row("fsdp_config.", value, UNSUPPORTED, "", "not a mapping")]
+    out: dict[str, Any] = {"train.distributed": "fsdp"}
+    rows = []
+    for key, given in value.items():
+        name = key.removeprefix("fsdp_")
+        rule = FSDP_KEYS.get(name, unsupported("not an fsdp_config key this importer knows"))
+        row = Row(f"fsdp_config.{key}", given, rule.status, rule.target, rule.note)
+        try:
+            out |= _apply(name, given, rule, cfg)
+        except Unsupported as e:
+            row = dataclasses.replace(row, status=UNSUPPORTED, note=str(e))
+        rows.append(row)
+    return out, rows
+
+
 def _dataset_key(key: str, value, rule: Rule, ds: dict) -> None:
     if key == "type":
         ds["type"] = DATASET_TYPES.get(value, "chat_template")
@@ -136,7 +162,10 @@ def params_from(cfg: dict) -> tuple[dict, list[Row]]:
     values, rows = translate(cfg)
     params = fill_defaults({}, schema())
     for dotted, value in values.items():
-        section, key = dotted.split(".", 1)
-        params[section][key] = value
+        *where, key = dotted.split(".")  # train.fsdp.version: a key of a nested section
+        node = params
+        for part in where:
+            node = node[part]
+        node[key] = value
     # `learning_rate: 2e-5` is a string to YAML 1.1 and a number to Axolotl: written as the number
     return numbers_from_strings(params, schema()), rows

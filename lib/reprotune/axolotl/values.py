@@ -234,3 +234,62 @@ def mlflow_run_name(value, cfg: dict) -> dict:
 def wandb_run_id(value, cfg: dict) -> dict:
     """Axolotl names the run after wandb_run_id when wandb_name is unset."""
     return {} if cfg.get("wandb_name") else tracker_key("wandb", "train.wandb_name")(value, cfg)
+
+
+# Axolotl's `fsdp:` words (FSDP1's sharding options) -> the train.fsdp settings that do the same under FSDP2
+FSDP_WORDS = {
+    "full_shard": {},
+    "auto_wrap": {},
+    "offload": {"train.fsdp.offload_params": True},
+    "shard_grad_op": {"train.fsdp.reshard_after_forward": False},
+}
+# FSDP1's sharding strategies: FSDP2 always shards fully, and reshard_after_forward false is SHARD_GRAD_OP
+FSDP_STRATEGIES = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
+FSDP_STATE_DICTS = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+
+
+def fsdp_switch(value, cfg: dict) -> dict:
+    """`fsdp: [full_shard, auto_wrap, offload]` (or the words in one string): FSDP on, with what they set."""
+    words = value.split() if isinstance(value, str) else list(value)
+    out = {"train.distributed": "fsdp"}
+    for word in words:
+        if word not in FSDP_WORDS:
+            raise Unsupported(f"fsdp option {word!r} is not available ({', '.join(FSDP_WORDS)})")
+        out |= FSDP_WORDS[word]
+    return out
+
+
+def fsdp_version(value, cfg: dict) -> dict:
+    """Version 2 as it is; 1 runs as FSDP2 (the same sharding; transformers drops FSDP1)."""
+    if int(value) not in (1, 2):
+        raise Unsupported(f"fsdp_version {value!r}: 1 or 2")
+    return {"train.distributed": "fsdp", "train.fsdp.version": 2}
+
+
+def fsdp_wrap_policy(value, cfg: dict) -> dict:
+    if value != "TRANSFORMER_BASED_WRAP":
+        raise Unsupported(f"fsdp auto_wrap_policy {value!r}: TRANSFORMER_BASED_WRAP (a unit per decoder layer)")
+    return {"train.fsdp.auto_wrap_policy": value}
+
+
+def fsdp_layer_class(value, cfg: dict) -> dict:
+    names = [value] if isinstance(value, str) else list(value)
+    if len(names) != 1:
+        raise Unsupported(f"{len(names)} layer classes: one decoder layer class is wrapped")
+    return {"train.fsdp.transformer_layer_cls_to_wrap": names[0]}
+
+
+def fsdp_state_dict(value, cfg: dict) -> dict:
+    if value not in FSDP_STATE_DICTS:
+        raise Unsupported(f"fsdp state_dict_type {value!r}: {' or '.join(FSDP_STATE_DICTS)}")
+    return {"train.fsdp.state_dict_type": value}
+
+
+def fsdp_strategy(value, cfg: dict) -> dict:
+    if value not in FSDP_STRATEGIES:
+        raise Unsupported(f"fsdp sharding_strategy {value!r}: {' or '.join(FSDP_STRATEGIES)} (HYBRID: not available)")
+    return {"train.fsdp.reshard_after_forward": FSDP_STRATEGIES[value]}
+
+
+def fsdp_flag(name: str) -> Callable[[Any, dict], dict]:
+    return lambda value, cfg: {f"train.fsdp.{name}": bool(value)}

@@ -299,6 +299,7 @@ def cross_field_problems(raw: dict, p: dict, root: Path) -> Iterator[Problem]:
     if p["evaluate"]["general_prompts"] is not None:
         yield from _prompt_file_problems(p["evaluate"]["general_prompts"], "evaluate.general_prompts", root)
     yield from _tracker_problems(train)
+    yield from _distributed_problems(train, p["quant"])
     if train["bf16"] is True and train["fp16"]:
         yield Problem("train.fp16", "bf16: true and fp16: true are exclusive; choose one")
     if lora["target_linear"] and lora["target_modules"] is not None:
@@ -331,6 +332,31 @@ def _prompt_file_problems(path: str, key: str, root: Path) -> Iterator[Problem]:
         yield Problem(key, f"got {_show(path)}; file does not exist")
     elif local.suffix not in PROMPT_FORMATS:
         yield Problem(key, f"got {_show(path)}; a prompt file is {' or '.join(PROMPT_FORMATS)}")
+
+
+def _distributed_problems(train: dict, quant: dict) -> Iterator[Problem]:
+    """FSDP settings that contradict the rest, and a machine rank outside the machines."""
+    fsdp = train["fsdp"]
+    if train["distributed"] != "fsdp":
+        for name in ("offload_params", "activation_checkpointing"):
+            if fsdp[name]:
+                yield Problem(f"train.fsdp.{name}", "applies under FSDP only: set train.distributed: fsdp, or false")
+    elif fsdp["activation_checkpointing"] and train["gradient_checkpointing"]:
+        yield Problem(
+            "train.fsdp.activation_checkpointing",
+            "train.gradient_checkpointing is true as well: the same recomputation twice; set one of them false",
+        )
+    if train["distributed"] == "fsdp" and quant["load_in_4bit"] and quant["bnb_4bit_quant_storage"] == "uint8":
+        yield Problem(
+            "quant.bnb_4bit_quant_storage",
+            "got uint8; sharded 4-bit weights must be stored in the compute dtype: auto (which is) or the "
+            "dtype of quant.bnb_4bit_compute_dtype",
+        )
+    if train["machine_rank"] is not None and train["machine_rank"] >= train["num_machines"]:
+        yield Problem(
+            "train.machine_rank",
+            f"got {train['machine_rank']}; ranks run from 0 to train.num_machines - 1 = {train['num_machines'] - 1}",
+        )
 
 
 def _tracker_problems(train: dict) -> Iterator[Problem]:

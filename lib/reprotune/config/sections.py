@@ -352,6 +352,35 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class FsdpConfig:
+    """Fully sharded data parallelism (train.distributed: fsdp): each process holds 1/N of the base's weights.
+    Names as in Axolotl's fsdp_config (with or without its fsdp_ prefix)."""
+
+    version: int = key(2, choices=(2,))
+    """FSDP version: 2 (torch's fully_shard, per-parameter sharding; what accelerate and Axolotl use now)."""
+    auto_wrap_policy: str = key("TRANSFORMER_BASED_WRAP", choices=("TRANSFORMER_BASED_WRAP",))
+    """Which modules become a sharding unit (gathered whole for their forward): each decoder layer."""
+    transformer_layer_cls_to_wrap: str | None = key(None, minLength=1)
+    """Class name of the decoder layer (LlamaDecoderLayer, Qwen2DecoderLayer, ...). null: the one the model
+    names itself (transformers' _no_split_modules)."""
+    reshard_after_forward: bool = key(True)
+    """Free a layer's gathered weights after its forward and gather them again for backward: least memory.
+    false: keep them until backward (one all-gather per layer less, a layer's full weights held longer)."""
+    offload_params: bool = key(False)
+    """Keep the shards (and their optimizer state) in CPU memory, copying to the GPU per layer: fits a base
+    larger than the GPUs' memory together, much slower."""
+    cpu_ram_efficient_loading: bool = key(False)
+    """CUDA: only the first process reads the weights, the others receive their shards (host memory of one
+    copy instead of one per process). Sharding on CPU always loads shard by shard."""
+    state_dict_type: str = key("SHARDED_STATE_DICT", choices=("SHARDED_STATE_DICT", "FULL_STATE_DICT"))
+    """Checkpoints for resuming: each process writes its own shards (SHARDED) or the first writes whole tensors
+    (FULL: more memory on it). The finished adapter is always one ordinary peft folder."""
+    activation_checkpointing: bool = key(False)
+    """Recompute each layer's activations in backward, done by FSDP. Exclusive with train.gradient_checkpointing
+    (the same thing done by transformers): set one."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The optimisation run."""
 
@@ -429,7 +458,32 @@ class TrainConfig:
     every evaluation for it), and metrics/train.json says where it stopped and which step it kept. Needs a
     validation split. null: train to the end."""
     launcher: str = key("auto", choices=("auto", "python", "accelerate"))
-    """auto: accelerate launch when several GPUs are visible, else a plain process."""
+    """auto: accelerate launch when several GPUs are visible (or num_machines > 1), else a plain process."""
+    distributed: str = key("auto", choices=("auto", "ddp", "fsdp"))
+    """How several processes share the work. ddp: each holds the whole model, gradients averaged; fsdp: the
+    base's weights sharded across the processes (the `fsdp` block); auto: ddp. One process: neither."""
+    fsdp: FsdpConfig = key(
+        {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": None,
+            "reshard_after_forward": True,
+            "offload_params": False,
+            "cpu_ram_efficient_loading": False,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "activation_checkpointing": False,
+        }
+    )
+    """FSDP settings, read when distributed is fsdp."""
+    num_machines: int = key(1, minimum=1)
+    """Machines (nodes) of one run; each runs the stage with its own machine_rank (README: several machines)."""
+    machine_rank: int | None = key(None, minimum=0)
+    """This machine's rank, 0 (the main machine, which writes the adapter) to num_machines - 1. null: NODE_RANK
+    from the environment (as torchrun reads it), else 0; so every machine can share one params.yaml."""
+    main_process_ip: str | None = key(None, minLength=1)
+    """Address of the machine of rank 0, reachable from the others. null: MASTER_ADDR from the environment."""
+    main_process_port: int | None = key(None, minimum=1, maximum=65535)
+    """Port on it. null: MASTER_PORT from the environment, else a free port (one machine only)."""
     report_to: tuple[str, ...] = key(("dvclive",), minItems=1, uniqueItems=True, items={"choices": TRACKERS})
     """Where the run's curves and params go: dvclive (always: the stage's dvclive/ curves that dvc.yaml
     declares) and any of wandb, mlflow, tensorboard (each an optional extra: pip install -e '.[wandb]').
@@ -551,5 +605,7 @@ def build_params(filled: dict) -> Params:
             for group in ("datasets", "test_datasets"):
                 raw[group] = tuple(_dataset(d) for d in filled["data"][group])
             raw["replay"] = ReplayConfig(**filled["data"]["replay"])
+        if name == "train":
+            raw["fsdp"] = FsdpConfig(**filled["train"]["fsdp"])
         sections[name] = cls(**raw)
     return Params(**sections)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import multiprocessing as mp
 import shutil
 from collections import Counter, deque
@@ -77,6 +78,7 @@ from reprotune.tokenize.templates import ChatMasking, PromptEncoder, TokenizeErr
 
 log = logging.getLogger(__name__)
 SPILL = ".spill"
+GATHER_SLICE = 1 << 14  # spill positions read between two releases of the mapped pages (Spill.take)
 COUNTS = ("dropped_too_long", "truncated", "dropped_no_trainable")
 
 
@@ -173,12 +175,31 @@ class Spill:
             f.close()
         self.lengths, self.record, self.trained = (np.concatenate(c) for c in self._cols)  # (sequences,)
         self.offsets = np.cumsum(self.lengths, dtype=np.int64) - self.lengths  # (sequences,) in the files
+        self._maps: list[mmap.mmap] = []
         self.input_ids, self.labels = (self._map(n) for n in ("input_ids.i32", "labels.i32"))
+
+    def take(self, gather: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens,) input ids and labels at the spill positions `gather`. Shuffled rows read pages all over
+        the files, and a mapped page read stays in this process's resident set: so the positions are read
+        GATHER_SLICE at a time, and the pages read are dropped from the resident set after each slice (the
+        page cache keeps them). Resident spill pages stay a few MB whatever the data size."""
+        ids, labels = np.empty(gather.size, np.int32), np.empty(gather.size, np.int32)
+        for a in range(0, gather.size, GATHER_SLICE):
+            where = gather[a : a + GATHER_SLICE]
+            ids[a : a + where.size], labels[a : a + where.size] = self.input_ids[where], self.labels[where]
+            for mapped in self._maps:
+                mapped.madvise(mmap.MADV_DONTNEED)
+        return ids, labels
 
     def _map(self, name: str) -> np.ndarray:
         path = self.folder / name
-        # np.memmap refuses an empty file
-        return np.memmap(path, dtype=np.int32, mode="r") if path.stat().st_size else np.zeros(0, np.int32)
+        if not path.stat().st_size:  # mmap refuses an empty file
+            return np.zeros(0, np.int32)
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped.madvise(mmap.MADV_RANDOM)  # no read-ahead and no fault-around: a read maps its own page only
+        self._maps.append(mapped)
+        return np.frombuffer(mapped, dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------- split, rows, writing
@@ -286,7 +307,7 @@ def row_group(rows: Rows, r0: int, r1: int, spill: Spill) -> pa.Table:
     positions = np.arange(total) - np.repeat(starts, lens)
     tok_bounds = np.concatenate([[0], ends])[b - b[0]].astype(np.int32)  # (rows + 1,) token offsets
     seq_bounds = (b - b[0]).astype(np.int32)  # (rows + 1,) sequence offsets
-    arrays = [spill.input_ids[gather], spill.labels[gather], positions.astype(np.int32)]
+    arrays = [*spill.take(gather), positions.astype(np.int32)]
     columns = [pa.ListArray.from_arrays(tok_bounds, pa.array(a, pa.int32())) for a in arrays]
     columns.append(pa.ListArray.from_arrays(seq_bounds, pa.array(lens.astype(np.int32))))
     return pa.Table.from_arrays(columns, schema=packed.SCHEMA)

@@ -29,7 +29,11 @@ Features
   repeatable.
 - Trackers (trackers.py): train.report_to adds W&B, MLflow and TensorBoard beside DVCLive through
   the Trainer's callbacks; names from params, credentials from the environment only.
-- Launch (launch.py): in-process, or `accelerate launch` DDP with one process per GPU.
+- Launch (launch.py): in-process, or `accelerate launch` with one process per GPU, on one machine or several
+  (train.num_machines, machine_rank, main_process_ip/port).
+- Sharing the model (sharding.py, train.distributed): DDP, or FSDP2 sharding the base (accelerate's plugin
+  on CUDA, QLoRA included; transformers' load-time sharding on CPU); metrics record what ran
+  (`distributed`, `local_parameter_share`).
 - Measured by benchmarks/bench_train.py (`make bench`; figures from a 2-core CPU in the README):
   the supervised tokens/s of padding-free packing against padded batches holding the same
   sequences, and the training memory of QLoRA against bf16 LoRA on a 290M Llama.
@@ -55,6 +59,7 @@ Trade-offs
 - Resume is exact only when train.save_steps is a multiple of train.logging_steps (else the first
   logged loss after a resume averages fewer steps); the stage warns when it is not.
 - GPU runs repeat only up to kernel nondeterminism (atomics in flash-attn and cuBLAS backward).
-- DDP only. QLoRA with FSDP needs GPUs (bitsandbytes shards only on CUDA) and a quant storage dtype
-  equal to the compute dtype (quant.bnb_4bit_quant_storage: bf16); it is not wired in here.
+- FSDP on CPU shards a full-precision base only (bitsandbytes shards 4-bit weights on CUDA only) and trains
+  LoRA on the linear layers only (lora.modules_to_save would need a copy of a sharded module); both are
+  refused with exit 2. QLoRA + FSDP runs through accelerate on CUDA only, checked by `make gpu-check`.
 """

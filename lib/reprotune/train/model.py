@@ -35,18 +35,29 @@ from reprotune.quant import load_kwargs
 
 
 def load_trainable(
-    base_dir: Path, quant: QuantConfig, lora: LoraConfig, train: TrainConfig, caps: Capabilities, attn: str
+    base_dir: Path,
+    quant: QuantConfig,
+    lora: LoraConfig,
+    train: TrainConfig,
+    caps: Capabilities,
+    attn: str,
+    sharded: bool = False,
+    distributed_config=None,
 ):
     """The base from `base_dir` with a fresh LoRA adapter; only the adapter requires grad.
 
     `attn` is the attn_implementation to load (caps' resolved one, or attention.NAME for packed rows).
+    `sharded`: FSDP will shard the base (4-bit storage in the compute dtype); `distributed_config`: transformers
+    shards it while loading (sharding.load_config), and the adapter is added to the sharded base.
     """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
     # under DDP each process owns one GPU
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if caps.device == "cuda" else "cpu"
-    kwargs = load_kwargs(quant, caps.compute_dtype, device)
+    kwargs = load_kwargs(quant, caps.compute_dtype, device, sharded)
+    if distributed_config is not None:
+        kwargs["distributed_config"] = distributed_config
     model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation=attn, **kwargs)
     model.config.use_cache = False
     if quant.load_in_4bit:

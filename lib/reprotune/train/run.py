@@ -25,7 +25,7 @@ from reprotune.io import write_json
 from reprotune.loading import copy_tokenizer_files
 from reprotune.packed import PackedRows, read_manifest, split_files
 from reprotune.quant import compute_dtype_setting
-from reprotune.train import attention, trackers
+from reprotune.train import attention, launch, sharding, trackers
 from reprotune.train.batches import PaddedCollator, collate_padding_free
 from reprotune.train.checkpoints import fingerprint, select_resume, step_of
 from reprotune.train.model import load_trainable
@@ -66,14 +66,20 @@ class TrainInputs:
 
 def params_read(params: Params) -> dict:
     """Every key of the sections this stage reads that shapes the adapter, dotted (quant.load_in_4bit, ...):
-    tracker keys say where the run is reported, so they are left out. Read key by key: a stage may declare
-    single keys, and then a section is a restricted view, not a dataclass."""
+    tracker keys say where the run is reported and rendezvous keys where its machines meet, so they are left
+    out. Read key by key: a stage may declare single keys, and then a section is a restricted view, not a
+    dataclass."""
     return {
-        f"{s}.{f.name}": getattr(getattr(params, s), f.name)
+        f"{s}.{f.name}": _plain(getattr(getattr(params, s), f.name))
         for s in SECTIONS
         for f in dataclasses.fields(SECTION_TYPES[s])
-        if not (s == "train" and f.name in trackers.KEYS)
+        if not (s == "train" and (f.name in trackers.KEYS or f.name in launch.RENDEZVOUS_KEYS))
     }
+
+
+def _plain(value):
+    """A nested section (train.fsdp) as the mapping params.yaml holds; other values as they are."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def capabilities(params: Params) -> Capabilities:
@@ -90,8 +96,12 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
     train_rows = PackedRows(inputs.packed, "train")
     val_rows = PackedRows(inputs.packed, "val") if split_files(inputs.packed, "val") else None
     caps = capabilities(params)
-    cfg = per_epoch_intervals(params.train, len(train_rows), int(os.environ.get("WORLD_SIZE", "1")))
-    args = training_arguments(cfg, caps, inputs.checkpoints, has_val=val_rows is not None, packed=manifest["packed"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = per_epoch_intervals(params.train, len(train_rows), world_size)
+    shard = _sharding(params, inputs.base, caps, world_size)
+    args = training_arguments(
+        cfg, caps, inputs.checkpoints, has_val=val_rows is not None, packed=manifest["packed"], sharding=shard.arguments
+    )
 
     read = params_read(params)
     run = {
@@ -99,6 +109,7 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
         "device": caps.device,
         "compute_dtype": caps.compute_dtype,
         "attn_implementation": attention.effective(caps.attn_implementation, manifest["packed"]),
+        "distributed": shard.mode,
         "eval_steps": cfg.eval_steps,
         "save_steps": cfg.save_steps,
     }
@@ -108,13 +119,18 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
     if resume:
         log.info("resuming from %s", resume)
 
-    model = load_trainable(inputs.base, params.quant, params.lora, params.train, caps, run["attn_implementation"])
+    model = load_trainable(
+        inputs.base, params.quant, params.lora, params.train, caps, run["attn_implementation"],
+        sharded=shard.mode == "fsdp", distributed_config=shard.load_config,
+    )  # fmt: skip
     with trackers.tracker_environment(params.train, inputs.trackers):  # read as the callbacks are made
         trainer = _trainer(model, args, train_rows, val_rows, manifest["packed"], cfg, fp, inputs.dvclive)
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    ran = sharding.describe(trainer.model_wrapped)
+    adapter = sharding.adapter_state(trainer.model) if ran["distributed"] == "fsdp" else None  # all processes
     if not trainer.is_world_process_zero():
         return None
-    metrics = {**_metrics(trainer, out.metrics, resume), **peak_memory(caps), **run}
+    metrics = {**_metrics(trainer, out.metrics, resume), **peak_memory(caps), **run, **ran}
     save_adapter(
         trainer.model,
         inputs.base,
@@ -125,11 +141,37 @@ def train(params: Params, inputs: TrainInputs, out_dir: Path) -> dict | None:
             "run": run,
             "data": {k: manifest[k] for k in ("sequence_len", "packed")},
         },
+        state_dict=adapter,
     )
     # a finished run's checkpoints must go: a rerun with the same inputs would resume at the last
     # step and train nothing
     shutil.rmtree(inputs.checkpoints, ignore_errors=True)
     return metrics
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How this run's processes share the model (sharding.py): the mode, the Trainer's arguments for it and,
+    where transformers shards the base while loading (FSDP on CPU), its DistributedConfig."""
+
+    mode: str
+    arguments: dict
+    load_config: object | None = None
+
+
+def _sharding(params: Params, base_dir: Path, caps: Capabilities, world_size: int) -> Sharding:
+    how = sharding.mode(params.train, world_size)
+    if how != "fsdp":
+        return Sharding(how, {})
+    sharding.require_shardable(params.quant, params.lora, caps.device)
+    fsdp = params.train.fsdp
+    layer_cls, layer_names = sharding.layer_class(base_dir, fsdp, trust_remote_code=False)
+    if caps.device == "cuda":
+        return Sharding(how, sharding.trainer_arguments(fsdp, layer_cls))
+    # transformers checkpoints only the model of a base it sharded (its optimizer state could be sharded
+    # too); GuardedTrainer adds the replicated adapter's optimizer, scheduler and RNG states back
+    arguments = {"save_only_model": True, "activation_checkpointing": fsdp.activation_checkpointing or None}
+    return Sharding(how, arguments, sharding.load_config(fsdp, layer_names, world_size))
 
 
 def require_optimizer(name: str) -> None:
@@ -163,10 +205,18 @@ def per_epoch_intervals(cfg: TrainConfig, train_rows: int, world_size: int) -> T
     return TrainConfig(**fields)
 
 
-def training_arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool):
+def training_arguments(
+    cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool, sharding: dict | None = None
+):
+    """The Trainer's arguments; `sharding` (Sharding.arguments) adds or overrides the FSDP ones."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    override = {k: v for k, v in (sharding or {}).items() if v is not None}
+    return TrainingArguments(**(_arguments(cfg, caps, out_dir, has_val, packed) | override))
+
+
+def _arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool) -> dict:
+    return dict(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
@@ -325,14 +375,15 @@ def peak_memory(caps: Capabilities) -> dict:
     return {"peak_memory_bytes": peak_rss_bytes(), "peak_memory_kind": "rss"}
 
 
-def save_adapter(model, base_dir: Path, out_dir: Path, config: dict) -> None:
-    """The adapter, the base's tokenizer and training_config.json (`config`) in `out_dir`."""
+def save_adapter(model, base_dir: Path, out_dir: Path, config: dict, state_dict: dict | None = None) -> None:
+    """The adapter, the base's tokenizer and training_config.json (`config`) in `out_dir`; `state_dict`: the
+    adapter's tensors gathered from a sharded model (sharding.adapter_state), else read from `model`."""
     # peft records the path the base was loaded from; record the pipeline's name for it instead, so
     # the adapter's bytes do not depend on where the repo lives
     model.peft_config["default"].base_model_name_or_path = layout.BASE.as_posix()
     # training never resizes the vocabulary (the base stage grows it for added tokens, and the adapter holds
     # only their trained rows), so whole embedding matrices never belong in the adapter
-    model.save_pretrained(out_dir, save_embedding_layers=False)
+    model.save_pretrained(out_dir, save_embedding_layers=False, state_dict=state_dict)
     # peft's placeholder model card records the base's load path; training_config.json says more
     (out_dir / "README.md").unlink(missing_ok=True)
     copy_tokenizer_files(base_dir, out_dir)

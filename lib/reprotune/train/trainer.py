@@ -1,4 +1,4 @@
-"""The HF Trainer with three additions, each consistent across DDP processes.
+"""The HF Trainer with four additions, each consistent across DDP and FSDP processes.
 
 - Non-finite loss guard: after each micro-batch's backward the loss is checked, and the flag is
   summed over processes, so every rank raises TrainingStopped at the same micro-batch (a rank that
@@ -10,14 +10,18 @@
 - Loss at supervised positions only (loss.SupervisedLoss, when given): the model returns the final hidden
   states of the positions whose next token is trained, and the loss projects them through the head in
   chunks; the Trainer's own normalisation (num_items_in_batch, accumulation, processes) is kept.
+- Whole checkpoints of a base sharded while loading (FSDP on CPU, sharding.py): the adapter's optimizer,
+  scheduler and RNG states, which transformers leaves out for such a model, so a killed run resumes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from reprotune.packed import IGNORE_INDEX
 from reprotune.train.callbacks import SupervisedTokens
@@ -53,6 +57,20 @@ class GuardedTrainer(Trainer):
                 "train.learning_rate, use bf16 rather than fp16, or check the data."
             )
         return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.is_distributed_loading_by_transformers:
+            # transformers checkpoints only the model of a base it sharded while loading (save_only_model: in
+            # general its optimizer state would be sharded too). Here only the adapter trains, and it is
+            # replicated: its optimizer state is whole and equal on every rank, so it is saved as in a
+            # one-process run, and a resumed run continues exactly
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            self._save_optimizer_and_scheduler(folder)
+            self._save_scaler(folder)
+            self._save_rng_state(folder)
 
     def supervised_tokens(self) -> SupervisedTokens:
         # looked up each time: restoring callback states on resume replaces the instance
