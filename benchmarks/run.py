@@ -13,6 +13,7 @@ BENCHMARKS = [
     "bench_pipeline",
     "bench_packing",
     "bench_tokenize",
+    "bench_tokenize_memory",
     "bench_train",
     "bench_fsdp",
     "bench_loss",

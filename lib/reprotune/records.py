@@ -113,11 +113,14 @@ class RecordsWriter:
 
 
 def iter_record_batches(path: Path, batch_size: int) -> Iterator[tuple[int, list[dict]]]:
-    """(index of the batch's first record, its records as dicts without the id) per batch of `batch_size`."""
-    start = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(COLUMNS[1:])):
-        yield start, batch.to_pylist()
-        start += batch.num_rows
+    """(index of the batch's first record, its records as dicts without the id) per batch of at most
+    `batch_size`. Read a row group at a time: pyarrow's ParquetFile.iter_batches keeps memory that grows with
+    the file (170 MB more after 1.5M records), a row group read does not."""
+    start, parquet = 0, pq.ParquetFile(path)
+    for group in range(parquet.metadata.num_row_groups):
+        for batch in parquet.read_row_group(group, columns=list(COLUMNS[1:])).to_batches(batch_size):
+            yield start, batch.to_pylist()
+            start += batch.num_rows
 
 
 def record_datasets(path: Path) -> np.ndarray:

@@ -6,10 +6,12 @@ reprotune.packed, train and val splits plus manifest.json.
 Features
 - Streaming, bounded memory: records are read in batches of batch_size and tokenized (templates.py)
   by num_proc worker processes; at most 2 x num_proc batches are in flight. Tokenized sequences are
-  spilled to two raw int32 files (ids, labels) beside the output and read back memory-mapped, so
-  memory holds a few int arrays of one entry per sequence (length, record, trained count, offset:
-  ~50 bytes a sequence with the split and packing indices), a batch per worker and the row group
-  being written; never the tokens of the whole dataset.
+  spilled to two raw int32 files (ids, labels) beside the output and read back a row group at a time
+  with positioned reads, so memory holds a few int arrays of one entry per sequence (length, record,
+  trained count, offset: ~50 bytes a sequence with the split and packing indices), a batch per worker
+  and the row group being written; never the tokens of the whole dataset. Measured (SmolLM2's 49k
+  tokenizer, synthetic alpaca records of ~110 tokens, sequence_len 2048; 2-core VM): peak resident set
+  599 MB at 20,000 records, 637 MB at 200,000, see the README for 2,000,000.
 - Same bytes for any num_proc and batch_size: batches are consumed in submission order and nothing
   depends on batch boundaries (tokenization is per record). Same bytes on every run: the split and
   shuffle come from numpy Generator(seed), packing is deterministic, Parquet is written with fixed
@@ -30,8 +32,8 @@ Features
 - Best-fit-decreasing packing (packing.py) into bins of sequence_len, for train and val alike.
 
 Trade-offs
-- Assembling rows gathers sequences in packing order from the memory-mapped spill: random reads,
-  served by the page cache; beyond RAM this costs disk reads, never memory.
+- Assembling rows reads sequences in row order from the spill: a read call per sequence and file (Python
+  overhead ~1 us each), served by the page cache; beyond RAM this costs disk reads, never memory.
 - Workers are forked (they inherit the loaded tokenizer; spawning would re-import transformers,
   seconds a worker), so num_proc > 1 needs a platform with fork (Linux, macOS). Each worker runs the
   Rust tokenizer on one thread (num_proc workers use num_proc cores); num_proc 1 tokenizes in this
@@ -42,8 +44,8 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import multiprocessing as mp
+import os
 import shutil
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -73,12 +75,11 @@ from reprotune.records import (
     read_datasets,
     record_datasets,
 )
-from reprotune.tokenize.packing import lower_bound_bins, pack_best_fit_decreasing, packing_efficiency
+from reprotune.tokenize.packing import lower_bound_bins, pack_best_fit_decreasing_flat, packing_efficiency
 from reprotune.tokenize.templates import ChatMasking, PromptEncoder, TokenizeError
 
 log = logging.getLogger(__name__)
 SPILL = ".spill"
-GATHER_SLICE = 1 << 14  # spill positions read between two releases of the mapped pages (Spill.take)
 COUNTS = ("dropped_too_long", "truncated", "dropped_no_trainable")
 
 
@@ -156,50 +157,72 @@ def ordered_batches(encoder: PromptEncoder, tasks, num_proc: int) -> Iterator[Ba
 class Spill:
     """Tokenized sequences in two raw int32 files; per-sequence figures in memory."""
 
+    FILES = ("input_ids.i32", "labels.i32")
+
     def __init__(self, folder: Path):
         folder.mkdir()
         self.folder = folder
-        self._files = [open(folder / "input_ids.i32", "wb"), open(folder / "labels.i32", "wb")]
-        # lengths, record, trained: one array per batch, an empty one first so concatenate always works
-        self._cols = ([np.zeros(0, np.int32)], [np.zeros(0, np.int64)], [np.zeros(0, np.int32)])
+        self._files = [open(folder / name, "wb") for name in self.FILES]
+        # lengths, record, trained, grown in place: a list of small per-batch arrays would pin pages all over
+        # the heap between the batches' Python objects, memory that grows with the data and is never returned
+        self._cols = tuple(_Growing(np.int32) for _ in range(3))
 
     def add(self, batch: Batch) -> None:
         batch.input_ids.tofile(self._files[0])
         batch.labels.tofile(self._files[1])
         for col, part in zip(self._cols, (batch.lengths, batch.record, batch.trained)):
-            col.append(part)
+            col.extend(part)
 
     def close(self) -> None:
-        """Finish writing; then lengths, record, trained, offsets and the mapped tokens are readable."""
+        """Finish writing; then lengths, record, trained, offsets and `read` are available."""
         for f in self._files:
             f.close()
-        self.lengths, self.record, self.trained = (np.concatenate(c) for c in self._cols)  # (sequences,)
+        self.lengths, self.record, self.trained = (c.array() for c in self._cols)  # (sequences,) int32
+        self._cols = None
         self.offsets = np.cumsum(self.lengths, dtype=np.int64) - self.lengths  # (sequences,) in the files
-        self._maps: list[mmap.mmap] = []
-        self.input_ids, self.labels = (self._map(n) for n in ("input_ids.i32", "labels.i32"))
+        self._readers = [open(self.folder / name, "rb", buffering=0) for name in self.FILES]
 
-    def take(self, gather: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens,) input ids and labels at the spill positions `gather`. Shuffled rows read pages all over
-        the files, and a mapped page read stays in this process's resident set: so the positions are read
-        GATHER_SLICE at a time, and the pages read are dropped from the resident set after each slice (the
-        page cache keeps them). Resident spill pages stay a few MB whatever the data size."""
-        ids, labels = np.empty(gather.size, np.int32), np.empty(gather.size, np.int32)
-        for a in range(0, gather.size, GATHER_SLICE):
-            where = gather[a : a + GATHER_SLICE]
-            ids[a : a + where.size], labels[a : a + where.size] = self.input_ids[where], self.labels[where]
-            for mapped in self._maps:
-                mapped.madvise(mmap.MADV_DONTNEED)
-        return ids, labels
+    def read(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens,) input ids and labels of the sequences `seqs`, one after another: a positioned read per
+        sequence and file. Not through a memory map: mapped pages a read touches stay in this process's
+        resident set (with the kernel's fault-around, far more than the bytes read), so shuffled rows would
+        make the whole spill resident as the data grows; read pages stay in the page cache only."""
+        lens = (self.lengths[seqs].astype(np.int64) * 4).tolist()  # bytes
+        starts = (self.offsets[seqs] * 4).tolist()
+        total = sum(lens)
+        out = []
+        for f in self._readers:
+            buffer = np.empty(total // 4, np.int32)
+            view, at = memoryview(buffer).cast("B"), 0
+            for start, size in zip(starts, lens):
+                if os.preadv(f.fileno(), [view[at : at + size]], start) != size:
+                    raise OSError(f"{f.name}: short read at byte {start}")
+                at += size
+            out.append(buffer)
+        return out[0], out[1]
 
-    def _map(self, name: str) -> np.ndarray:
-        path = self.folder / name
-        if not path.stat().st_size:  # mmap refuses an empty file
-            return np.zeros(0, np.int32)
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        mapped.madvise(mmap.MADV_RANDOM)  # no read-ahead and no fault-around: a read maps its own page only
-        self._maps.append(mapped)
-        return np.frombuffer(mapped, dtype=np.int32)
+    def finish(self) -> None:
+        for f in getattr(self, "_readers", ()):
+            f.close()
+
+
+class _Growing:
+    """An int array appended to in place, its capacity doubled when full (one large block, not many small ones)."""
+
+    def __init__(self, dtype):
+        self._data, self._n = np.empty(1 << 16, dtype), 0
+
+    def extend(self, part: np.ndarray) -> None:
+        if self._n + part.size > self._data.size:
+            grown = np.empty(max(2 * self._data.size, self._n + part.size), self._data.dtype)
+            grown[: self._n] = self._data[: self._n]
+            self._data = grown
+        self._data[self._n : self._n + part.size] = part
+        self._n += part.size
+
+    def array(self) -> np.ndarray:
+        """The values, trimmed (a copy: the spare capacity goes with the buffer)."""
+        return self._data[: self._n].copy()
 
 
 # ----------------------------------------------------------------------------- split, rows, writing
@@ -270,44 +293,47 @@ def weight_figures(dataset: np.ndarray, in_val: np.ndarray, copies: np.ndarray, 
 
 @dataclass
 class Rows:
-    seqs: np.ndarray  # (sequences,) int64 spill indices, row after row
-    bounds: np.ndarray  # (rows + 1,) int64: row r holds seqs[bounds[r]:bounds[r + 1]]
+    """Packed bins and the order they are written in, without a per-sequence copy for the shuffle."""
+
+    seqs: np.ndarray  # (sequences,) int64 spill indices, bin after bin
+    bounds: np.ndarray  # (bins + 1,) int64: bin k holds seqs[bounds[k]:bounds[k + 1]]
+    order: np.ndarray | None  # (bins,) row r is bin order[r] (shuffled); None: row r is bin r
 
     @property
     def n(self) -> int:
         return len(self.bounds) - 1
 
+    def group(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [r0, r1): (sequences,) their spill indices, row after row, and (rows + 1,) offsets into them."""
+        bins = self.order[r0:r1] if self.order is not None else np.arange(r0, r1)
+        starts, ends = self.bounds[bins], self.bounds[bins + 1]
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)])
+        if self.order is None:
+            return self.seqs[starts[0] : ends[-1]], offsets
+        return np.concatenate([self.seqs[a:b] for a, b in zip(starts.tolist(), ends.tolist())]), offsets
+
 
 def make_rows(idx: np.ndarray, lengths: np.ndarray, cfg: TokenizeConfig, rng) -> Rows:
     """Rows of the sequences `idx`: BFD bins (or one sequence each), shuffled when `rng` is given."""
     if cfg.sample_packing and idx.size:
-        bins = pack_best_fit_decreasing(lengths[idx], cfg.sequence_len)
-        seqs, sizes = idx[np.concatenate(bins)], np.array([b.size for b in bins], dtype=np.int64)
+        items, bounds = pack_best_fit_decreasing_flat(lengths[idx], cfg.sequence_len)
+        seqs = idx[items]
     else:
-        seqs, sizes = idx, np.ones(idx.size, dtype=np.int64)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    if rng is None:
-        return Rows(seqs, bounds)
-    order = rng.permutation(sizes.size)
-    new_bounds = np.concatenate([[0], np.cumsum(sizes[order])])
-    # element k of new row r comes from old position bounds[order[r]] + k
-    gather = np.repeat(bounds[:-1][order] - new_bounds[:-1], sizes[order]) + np.arange(seqs.size)
-    return Rows(seqs[gather], new_bounds)
+        seqs, bounds = idx, np.arange(idx.size + 1, dtype=np.int64)
+    return Rows(seqs, bounds, rng.permutation(len(bounds) - 1) if rng is not None else None)
 
 
 def row_group(rows: Rows, r0: int, r1: int, spill: Spill) -> pa.Table:
     """Rows [r0, r1) as a table: sequences gathered from the spill, positions restarting per sequence."""
-    b = rows.bounds[r0 : r1 + 1]
-    seqs = rows.seqs[b[0] : b[-1]]
+    seqs, b = rows.group(r0, r1)  # b: (rows + 1,) sequence offsets
     lens = spill.lengths[seqs].astype(np.int64)  # (sequences,)
     ends = np.cumsum(lens)
     starts = ends - lens  # where each sequence starts in this group's flat arrays
     total = int(ends[-1]) if ends.size else 0
-    gather = np.repeat(spill.offsets[seqs] - starts, lens) + np.arange(total)  # (tokens,) spill index
     positions = np.arange(total) - np.repeat(starts, lens)
-    tok_bounds = np.concatenate([[0], ends])[b - b[0]].astype(np.int32)  # (rows + 1,) token offsets
-    seq_bounds = (b - b[0]).astype(np.int32)  # (rows + 1,) sequence offsets
-    arrays = [*spill.take(gather), positions.astype(np.int32)]
+    tok_bounds = np.concatenate([[0], ends])[b].astype(np.int32)  # (rows + 1,) token offsets
+    seq_bounds = b.astype(np.int32)  # (rows + 1,) sequence offsets
+    arrays = [*spill.read(seqs), positions.astype(np.int32)]
     columns = [pa.ListArray.from_arrays(tok_bounds, pa.array(a, pa.int32())) for a in arrays]
     columns.append(pa.ListArray.from_arrays(seq_bounds, pa.array(lens.astype(np.int32))))
     return pa.Table.from_arrays(columns, schema=packed.SCHEMA)
@@ -447,6 +473,7 @@ def tokenize_dataset(
             replayed = train_seqs[spill.record[train_seqs] >= n_records]
             replay_figures["train_supervised_tokens"] = int(spill.trained[replayed].sum(dtype=np.int64))
     finally:
+        spill.finish()
         shutil.rmtree(out_dir / SPILL, ignore_errors=True)
     packed.write_manifest(out_dir, cfg.sequence_len, cfg.sample_packing, splits)
     metrics = _metrics(n_records, splits, counts, cfg.sequence_len)

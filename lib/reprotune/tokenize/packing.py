@@ -48,6 +48,8 @@ import numpy as np
 
 __all__ = [
     "pack_best_fit_decreasing",
+    "pack_best_fit_decreasing_flat",
+    "flat_bins",
     "check_capacity",
     "as_lengths",
     "group_bins",
@@ -88,12 +90,19 @@ def group_bins(placed: np.ndarray, bin_of: np.ndarray, n_bins: int) -> list[np.n
 
     Bins come out in open order, each holding its items in placement order.
     """
+    items, bounds = flat_bins(placed, bin_of, n_bins)
+    b = bounds.tolist()  # plain-int slicing is much cheaper than np.split for 100k+ bins
+    return [items[b[k] : b[k + 1]] for k in range(n_bins)]
+
+
+def flat_bins(placed: np.ndarray, bin_of: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """group_bins as two arrays: (items,) bin after bin and (n_bins + 1,) bounds, bin k = items[bounds[k]:
+    bounds[k + 1]]; no per-bin objects (a million sequences make ~100k bins)."""
     # a stable sort by bin keeps each bin's items in placement order
     items = placed[np.argsort(bin_of, kind="stable")]
     bounds = np.zeros(n_bins + 1, dtype=np.int64)
     np.cumsum(np.bincount(bin_of, minlength=n_bins), out=bounds[1:])
-    b = bounds.tolist()  # plain-int slicing is much cheaper than np.split for 100k+ bins
-    return [items[b[k] : b[k + 1]] for k in range(n_bins)]
+    return items, bounds
 
 
 # ----------------------------------------------------------------------------- best-fit decreasing
@@ -177,27 +186,38 @@ def pack_best_fit_decreasing(lengths, capacity: int) -> list[np.ndarray]:
     the order they were opened, each an int64 array of indices into `lengths` in placement order.
     Raises ValueError for a length < 1 or > capacity, naming its index.
     """
+    items, bounds = pack_best_fit_decreasing_flat(lengths, capacity)
+    b = bounds.tolist()
+    return [items[b[k] : b[k + 1]] for k in range(len(b) - 1)]
+
+
+def pack_best_fit_decreasing_flat(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """pack_best_fit_decreasing as flat_bins' two arrays: (items,) indices into `lengths` bin after bin, and
+    (bins + 1,) bounds."""
     capacity = check_capacity(capacity)
     lengths = as_lengths(lengths, capacity)
     n = lengths.size
     if n == 0:
-        return []
+        return np.zeros(0, np.int64), np.zeros(1, np.int64)
     order = _decreasing_order(lengths, capacity)
     sorted_len = lengths[order]
+    del lengths  # per-item arrays go as soon as they are used: a million items are 8 MB each
     # runs of equal length in the sorted order: each run is placed in bulk
     starts = np.flatnonzero(np.r_[True, sorted_len[1:] != sorted_len[:-1]])
     ends = np.r_[starts[1:], n]
     min_len = int(sorted_len[-1])
+    run_lengths = sorted_len[starts].tolist()
+    del sorted_len
     buckets: dict[int, np.ndarray] = {}  # free room -> sorted ids of open bins with that room
     keys: list[int] = []  # sorted non-empty rooms (only rooms >= min_len are kept)
     bin_of = np.empty(n, dtype=np.int64)  # bin of the k-th item in sorted order
     n_bins = 0
-    for s, e, L in zip(starts.tolist(), ends.tolist(), sorted_len[starts].tolist()):
+    for s, e, L in zip(starts.tolist(), ends.tolist(), run_lengths):
         placed, moves, opened = _place_run(L, e - s, buckets, keys, n_bins, capacity)
         bin_of[s:e] = placed
         n_bins += opened
         _file_moves(moves, buckets, keys, min_len)
-    return group_bins(order, bin_of, n_bins)
+    return flat_bins(order, bin_of, n_bins)
 
 
 # ----------------------------------------------------------------------------- metrics
