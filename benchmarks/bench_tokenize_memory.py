@@ -65,10 +65,8 @@ def child(stage: str, root: Path) -> dict:
 
         m = execute(validate, params, ValidateInputs(root), out=root / "data/validated")
         return {"peak": peak_rss_bytes(), "records": m["kept"]}
-    from reprotune.model.builtin import build_tiny_llama
     from reprotune.tokenize.dataset import TokenizeInputs, tokenize
 
-    build_tiny_llama(root / "models/base")
     validated = root / "data/validated"
     inputs = TokenizeInputs(
         validated / "records.parquet", validated / "datasets.json", root / "none", root / "models/base"
@@ -78,11 +76,16 @@ def child(stage: str, root: Path) -> dict:
 
 
 def run() -> dict:
+    from reprotune.model.builtin import build_tiny_llama
+
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_llama(Path(tmp) / "base")  # its tokenizer; built here, so no stage process holds a model
         for n in SIZES:
             root = Path(tmp) / str(n)
             generate(root, n)
+            (root / "models").mkdir()
+            (root / "models/base").symlink_to(Path(tmp) / "base")
             for stage in ("validate", "tokenize"):
                 done = subprocess.run(
                     [sys.executable, __file__, "--child", stage, str(root)], capture_output=True, text=True

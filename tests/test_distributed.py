@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
-from test_train_stage import ENV, REPO, RESUMABLE, curve, project, stage
+from test_train_stage import ENV, REPO, RESUMABLE, curve, project, stage, start_and_kill_after_first_checkpoint
 
 from reprotune.config import load_params
 from reprotune.errors import BadInput
 from reprotune.model.builtin import build_tiny_llama
 from reprotune.train import launch, sharding
-from reprotune.train.checkpoints import MARKER
 
 # LoRA on the full-precision base (bitsandbytes shards 4-bit weights on CUDA only), adapters only (the
 # practitioner's setup on a pretrained base) and no dropout (each process draws its own dropout masks, so
@@ -122,25 +118,7 @@ def test_killed_fsdp_run_resumes_to_the_same_adapter(tmp_path, tiny):
         "lora": ADAPTERS_ONLY,
     }
     killed = project(tmp_path / "killed", tiny, **settings)
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "stages/train.py")],
-        cwd=killed,
-        env=TWO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not list((killed / "checkpoints/train").glob(f"checkpoint-*/{MARKER}")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was completed"
-        time.sleep(0.01)
-    # kill -9 the stage, accelerate's launcher and both workers (torch's launcher starts each worker in a
-    # session of its own, so a process group would miss them)
-    run = psutil.Process(proc.pid)
-    processes = [run, *run.children(recursive=True)]
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
-    proc.wait()
-    psutil.wait_procs(processes, timeout=30)
+    start_and_kill_after_first_checkpoint(killed, env=TWO)  # the stage, accelerate and both workers
     assert not (killed / "models/adapter").exists()
 
     resumed = stage(killed, env=TWO)

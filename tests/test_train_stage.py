@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
@@ -101,11 +102,13 @@ def curve(root: Path, name: str) -> list[tuple[int, float]]:
     return [(int(s), float(v)) for s, v in (line.split("\t") for line in lines if line)]
 
 
-def start_and_kill_after_first_checkpoint(root: Path) -> None:
+def start_and_kill_after_first_checkpoint(root: Path, env: dict | None = None) -> None:
+    """Start the train stage and kill -9 it once a checkpoint is complete, with every process it started
+    (accelerate's launcher starts each worker in a session of its own: a process group would miss them)."""
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "stages/train.py")],
         cwd=root,
-        env=ENV,
+        env=env or ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -113,8 +116,12 @@ def start_and_kill_after_first_checkpoint(root: Path) -> None:
     while not list((root / "checkpoints/train").glob(f"checkpoint-*/{MARKER}")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was completed"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    stage_process = psutil.Process(proc.pid)
+    processes = [stage_process, *stage_process.children(recursive=True)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
+    psutil.wait_procs(processes, timeout=30)
 
 
 @pytest.mark.parametrize(

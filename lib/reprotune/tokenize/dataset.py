@@ -459,7 +459,8 @@ def tokenize_dataset(
             counts.update(batch.counts)
         spill.close()
         seq_val = in_val[spill.record]  # (sequences,) bool
-        train_seqs = np.repeat(np.arange(seq_val.size), copies[spill.record])  # weighted copies, in order
+        # weighted copies, in order; int32 like the spill's figures (4 bytes a sequence less, 2^31 sequences)
+        train_seqs = np.repeat(np.arange(seq_val.size, dtype=np.int32), copies[spill.record])
         if not train_seqs.size:
             raise TokenizeError(
                 f"no training sequence left out of {n_records} records "
