@@ -9,9 +9,9 @@ Features
   spilled to two raw int32 files (ids, labels) beside the output and read back a row group at a time
   with positioned reads, so memory holds a few int arrays of one entry per sequence (length, record,
   trained count, offset: ~50 bytes a sequence with the split and packing indices), a batch per worker
-  and the row group being written; never the tokens of the whole dataset. Measured (SmolLM2's 49k
-  tokenizer, synthetic alpaca records of ~110 tokens, sequence_len 2048; 2-core VM): peak resident set
-  599 MB at 20,000 records, 637 MB at 200,000, see the README for 2,000,000.
+  and the row group being written; never the tokens of the whole dataset. benchmarks/
+  bench_tokenize_memory.py (generated alpaca records of ~110 tokens, sequence_len 2048, 2-core VM): peak
+  resident set 541 MB at 20,000 records, 568 MB at 200,000, 614 MB at 2,000,000.
 - Same bytes for any num_proc and batch_size: batches are consumed in submission order and nothing
   depends on batch boundaries (tokenization is per record). Same bytes on every run: the split and
   shuffle come from numpy Generator(seed), packing is deterministic, Parquet is written with fixed
