@@ -74,19 +74,25 @@ def assert_same_training(root: Path, reference: Path, rtol: float) -> tuple[floa
     return float(np.max(np.abs(got - want) / np.abs(want))), weights
 
 
-def test_fsdp_over_two_processes_shards_the_base_and_trains_as_one(tmp_path, tiny, one_process):
+@pytest.mark.parametrize("distributed, share", [("fsdp", 0.5), ("ddp", 1.0)])
+def test_two_processes_train_as_one(tmp_path, tiny, one_process, distributed, share):
+    """FSDP really shards (half the base per process); FSDP and DDP both equal one process."""
     root = project(
-        tmp_path / "p", tiny, train={**PER_PROCESS, "distributed": "fsdp"}, quant=FULL_PRECISION, lora=ADAPTERS_ONLY
+        tmp_path / "p",
+        tiny,
+        train={**PER_PROCESS, "distributed": distributed},
+        quant=FULL_PRECISION,
+        lora=ADAPTERS_ONLY,
     )
     result = stage(root, env=TWO)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(root)
-    # read from the wrapped model: parameters are DTensor shards, and it is not a DistributedDataParallel
-    assert m["distributed"] == "fsdp" and m["world_size"] == 2
-    assert m["local_parameter_share"] == pytest.approx(0.5, abs=0.02)
+    # read from the wrapped model: DTensor shards under FSDP (not a DistributedDataParallel), DDP's wrapper else
+    assert m["distributed"] == distributed and m["world_size"] == 2
+    assert m["local_parameter_share"] == pytest.approx(share, abs=0.02)
     assert metrics(one_process)["distributed"] == "none" and metrics(one_process)["local_parameter_share"] == 1.0
     loss, weights = assert_same_training(root, one_process, rtol=1e-4)
-    print(f"FSDP x2 against one process: per-step loss {loss:.1e} relative, adapter {weights:.1e} at most")
+    print(f"{distributed} x2 against one process: per-step loss {loss:.1e} relative, adapter {weights:.1e} at most")
     # one ordinary peft folder: peft loads it onto the base, and it changes the base's output
     import torch
     from peft import PeftModel
@@ -97,18 +103,6 @@ def test_fsdp_over_two_processes_shards_the_base_and_trains_as_one(tmp_path, tin
     before = base(ids).logits
     tuned = PeftModel.from_pretrained(base, root / "models/adapter")
     assert not torch.allclose(tuned(ids).logits, before)
-
-
-def test_ddp_over_two_processes_trains_as_one(tmp_path, tiny, one_process):
-    root = project(
-        tmp_path / "p", tiny, train={**PER_PROCESS, "distributed": "ddp"}, quant=FULL_PRECISION, lora=ADAPTERS_ONLY
-    )
-    result = stage(root, env=TWO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    m = metrics(root)
-    assert m["distributed"] == "ddp" and m["local_parameter_share"] == 1.0
-    loss, weights = assert_same_training(root, one_process, rtol=1e-4)
-    print(f"DDP x2 against one process: per-step loss {loss:.1e} relative, adapter {weights:.1e} at most")
 
 
 def test_killed_fsdp_run_resumes_to_the_same_adapter(tmp_path, tiny):

@@ -8,7 +8,8 @@
 - `load_kwargs`: from_pretrained's arguments for the base as training loads it; `load_as_trained`: the
   adapter on that base (evaluate's "as trained", `reprotune chat --adapter`).
 - `quantized_names`: the weights bitsandbytes quantizes when loading: every nn.Linear but the output
-  head (transformers keeps the head in full precision), found on a weightless copy of the model.
+  head (transformers keeps the head in full precision), found on a weightless copy of the model
+  (`weightless_model`, also what FSDP finds the decoder layers on).
 - `round_trip`: a weight as the 4-bit model computes with it: quantized by bitsandbytes' own
   Params4bit (same quant type, block size, double quantization and storage as loading uses), then
   dequantized to the compute dtype. Exactly the matrix a Linear4bit multiplies by in training.
@@ -69,15 +70,21 @@ def bnb_config(quant: QuantConfig, compute_dtype: str, sharded: bool = False):
     )
 
 
-def quantized_names(model_dir: Path, trust_remote_code: bool = False) -> set[str]:
-    """Tensor names (e.g. model.layers.0.mlp.up_proj.weight) that 4-bit loading quantizes."""
-    import torch
+def weightless_model(model_dir: Path, trust_remote_code: bool = False):
+    """The model of `model_dir`'s config with its parameters on the meta device: its structure, no memory."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def quantized_names(model_dir: Path, trust_remote_code: bool = False) -> set[str]:
+    """Tensor names (e.g. model.layers.0.mlp.up_proj.weight) that 4-bit loading quantizes."""
+    import torch
+
+    model = weightless_model(model_dir, trust_remote_code)
     head = model.get_output_embeddings()
     return {
         f"{name}.weight"

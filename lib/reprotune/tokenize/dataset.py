@@ -163,6 +163,7 @@ class Spill:
         folder.mkdir()
         self.folder = folder
         self._files = [open(folder / name, "wb") for name in self.FILES]
+        self._readers: list = []  # opened by close()
         # lengths, record, trained, grown in place: a list of small per-batch arrays would pin pages all over
         # the heap between the batches' Python objects, memory that grows with the data and is never returned
         self._cols = tuple(_Growing(np.int32) for _ in range(3))
@@ -202,7 +203,7 @@ class Spill:
         return out[0], out[1]
 
     def finish(self) -> None:
-        for f in getattr(self, "_readers", ()):
+        for f in self._readers:
             f.close()
 
 

@@ -170,7 +170,9 @@ def _sharding(params: Params, base_dir: Path, caps: Capabilities, world_size: in
         return Sharding(how, sharding.trainer_arguments(fsdp, layer_cls))
     # transformers checkpoints only the model of a base it sharded (its optimizer state could be sharded
     # too); GuardedTrainer adds the replicated adapter's optimizer, scheduler and RNG states back
-    arguments = {"save_only_model": True, "activation_checkpointing": fsdp.activation_checkpointing or None}
+    # no FSDP wrapper runs on CPU to recompute activations: fsdp.activation_checkpointing is transformers' own
+    recompute = params.train.gradient_checkpointing or fsdp.activation_checkpointing
+    arguments = {"save_only_model": True, "activation_checkpointing": recompute}
     return Sharding(how, arguments, sharding.load_config(fsdp, layer_names, world_size))
 
 
@@ -211,8 +213,7 @@ def training_arguments(
     """The Trainer's arguments; `sharding` (Sharding.arguments) adds or overrides the FSDP ones."""
     from transformers import TrainingArguments
 
-    override = {k: v for k, v in (sharding or {}).items() if v is not None}
-    return TrainingArguments(**(_arguments(cfg, caps, out_dir, has_val, packed) | override))
+    return TrainingArguments(**(_arguments(cfg, caps, out_dir, has_val, packed) | (sharding or {})))
 
 
 def _arguments(cfg: TrainConfig, caps: Capabilities, out_dir: Path, has_val: bool, packed: bool) -> dict:

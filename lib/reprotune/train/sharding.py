@@ -27,6 +27,7 @@ from pathlib import Path
 
 from reprotune.config.sections import FsdpConfig, LoraConfig, QuantConfig, TrainConfig
 from reprotune.errors import BadInput
+from reprotune.quant import weightless_model
 
 
 def mode(cfg: TrainConfig, world_size: int) -> str:
@@ -58,12 +59,7 @@ def require_shardable(quant: QuantConfig, lora: LoraConfig, device: str) -> None
 def layer_class(base_dir: Path, fsdp: FsdpConfig, trust_remote_code: bool) -> tuple[str, list[str]]:
     """The decoder layer class (fsdp.transformer_layer_cls_to_wrap, or the one the model names itself) and the
     names of the modules of that class, found on a weightless copy of the model."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = weightless_model(base_dir, trust_remote_code)
     classes = {type(m).__name__ for m in model.modules()}
     named = list(getattr(model, "_no_split_modules", None) or [])
     wanted = fsdp.transformer_layer_cls_to_wrap or next((c for c in named if c in classes), None)
